@@ -1,0 +1,123 @@
+"""Synthetic reasoning tasks in the LMM-R1 row format, with images drawn on disk.
+
+Two families mirror the recipe's two stages: text-only arithmetic (FRE) and image questions (MGT: count the
+shapes, add the numbers drawn in the picture). Every row carries a worked `solution` in the
+`<think>…</think><answer>…$\\boxed{…}$</answer>` form for warm-start SFT. Splits use disjoint seeds.
+
+    python -m shared.synthetic --out data/synth --train 512 --test 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+LMMR1_SYSTEM_PROMPT = (
+    "Solve the question. The user asks a question, and you solves it. You first thinks about the reasoning process "
+    "in the mind and then provides the user with the answer. The answer is in latex format and wrapped in $...$. "
+    "The final answer must be wrapped using the \\boxed{} command. The reasoning process and answer are enclosed "
+    "within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> Since $1+1=2$, so the answer "
+    "is $2$. </think><answer> The answer is $\\boxed{2}$ </answer>, which means assistant's output should start "
+    "with <think> and end with </answer>.\n"
+)
+SHORT_SYSTEM_PROMPT = "Think in <think> </think>, then answer in <answer> </answer> with \\boxed{}."
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220)}
+
+
+def _solution(steps: str, answer: int) -> str:
+    return f"<think>{steps}</think><answer>The answer is $\\boxed{{{answer}}}$</answer>"
+
+
+def text_task(rng: random.Random) -> tuple[str, int, str]:
+    a, b = rng.randint(1, 49), rng.randint(1, 49)
+    op = rng.choice(["+", "-", "*"])
+    if op == "*":
+        a, b = rng.randint(2, 12), rng.randint(2, 9)
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"What is {a} {op} {b}?", value, _solution(f"{a} {op} {b} = {value}", value)
+
+
+def count_task(rng: random.Random, size: int) -> tuple[str, int, str, Image.Image]:
+    color = rng.choice(list(COLORS))
+    k = rng.randint(1, 4)
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    cell = size // 2
+    for slot in rng.sample(range(4), k):  # one shape per quadrant, so shapes never overlap
+        x0, y0 = (slot % 2) * cell + 4, (slot // 2) * cell + 4
+        draw.rectangle([x0, y0, x0 + cell - 8, y0 + cell - 8], fill=COLORS[color])
+    q = f"How many {color} squares are in the image?"
+    return q, k, _solution(f"I count {k} {color} squares.", k), img
+
+
+def sum_task(rng: random.Random, size: int) -> tuple[str, int, str, Image.Image]:
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=size // 3)
+    draw.text((size // 10, size // 3), str(a), fill=(0, 0, 0), font=font)
+    draw.text((size * 6 // 10, size // 3), str(b), fill=(0, 0, 0), font=font)
+    q = "What is the sum of the two numbers in the image?"
+    return q, a + b, _solution(f"The image shows {a} and {b}. {a} + {b} = {a + b}", a + b), img
+
+
+def _row(system: str, question: str, answer: int, solution: str, task: str, image: str | None = None) -> dict:
+    content: list[dict] = [{"type": "text", "text": question}]
+    if image is not None:
+        content.append({"type": "image", "image": image})
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
+    return {"message": json.dumps(messages), "answer": str(answer), "solution": solution, "task": task}
+
+
+def write_split(
+    out_dir: Path, name: str, n: int, seed: int, kind: str, *, image_size: int = 56, system: str = SHORT_SYSTEM_PROMPT
+) -> Path:
+    """Write `name.jsonl` (and its images under `images/name/`) with n rows of kind 'text' or 'image'."""
+    rng = random.Random(seed)
+    img_dir = out_dir / "images" / name
+    path = out_dir / f"{name}.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(n):
+            if kind == "text":
+                f.write(json.dumps(_row(system, *text_task(rng), task="arith")) + "\n")
+                continue
+            make, task = rng.choice([(count_task, "count"), (sum_task, "sum")])
+            q, ans, sol, img = make(rng, image_size)
+            img_dir.mkdir(parents=True, exist_ok=True)
+            rel = f"images/{name}/{i:05d}.png"
+            img.save(out_dir / rel)
+            f.write(json.dumps(_row(system, q, ans, sol, task, image=rel)) + "\n")
+    return path
+
+
+def write_suite(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, **kwargs) -> dict[str, Path]:
+    out = Path(out_dir)
+    return {
+        "text_train": write_split(out, "text_train", n_train, seed * 4 + 1, "text", **kwargs),
+        "text_test": write_split(out, "text_test", n_test, seed * 4 + 2, "text", **kwargs),
+        "image_train": write_split(out, "image_train", n_train, seed * 4 + 3, "image", **kwargs),
+        "image_test": write_split(out, "image_test", n_test, seed * 4 + 4, "image", **kwargs),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--train", type=int, default=512)
+    ap.add_argument("--test", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=56)
+    ap.add_argument("--system", choices=["short", "lmmr1"], default="short")
+    args = ap.parse_args(argv)
+    system = SHORT_SYSTEM_PROMPT if args.system == "short" else LMMR1_SYSTEM_PROMPT
+    for name, path in write_suite(args.out, args.train, args.test, args.seed, image_size=args.image_size,
+                                  system=system).items():  # fmt: skip
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
