@@ -117,8 +117,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     train_batch_size: int = 256  # samples per optimizer step
-    micro_train_batch_size: int = 2  # per data-parallel rank
-    micro_forward_batch_size: int = 2  # logprob/value forward passes
+    micro_train_batch_size: int = 2  # per data-parallel rank; also the micro-batch of the logprob/value passes
     max_epochs: int = 1  # PPO epochs over one rollout
     num_episodes: int = 2  # passes over the prompt data
     save_steps: int = 20  # rollouts between checkpoints
@@ -152,6 +151,7 @@ class RayConfig:
 @dataclass
 class Config:
     name: str = "unnamed"
+    pipeline: str = "rl"  # rl: one RL run; demo: warm start, FRE then MGT, evaluated before and after each stage
     reproduces: str = ""
     expected_result: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -315,6 +315,7 @@ def validate(cfg: Config) -> None:
     _choice("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
     _choice("algo.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
     _choice("algo.advantage_whitening", a.advantage_whitening, WHITENING_RULES)
+    _choice("pipeline", cfg.pipeline, ("rl", "demo"))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.attention", cfg.model.attention, ("auto", "softmax", "dot_product"))
     _choice("rollout.dtype", r.dtype, DTYPES)
@@ -328,7 +329,6 @@ def validate(cfg: Config) -> None:
         "rollout.generate_max_len": r.generate_max_len,
         "train.train_batch_size": t.train_batch_size,
         "train.micro_train_batch_size": t.micro_train_batch_size,
-        "train.micro_forward_batch_size": t.micro_forward_batch_size,
         "train.max_epochs": t.max_epochs,
         "train.num_episodes": t.num_episodes,
         "train.save_steps": t.save_steps,
