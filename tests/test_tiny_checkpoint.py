@@ -46,12 +46,21 @@ def test_loads_in_transformers_without_missing_keys(fixture, request):
 
 @pytest.mark.slow
 def test_loads_in_vllm_offline(tiny_ckpt):
-    from vllm import LLM, SamplingParams
+    """In a fresh process: vLLM's in-process engine state is per process and the rollout tests hold one."""
+    import subprocess
+    import sys
+    import textwrap
 
-    llm = LLM(model=tiny_ckpt, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
-              limit_mm_per_prompt={"image": 1, "video": 0}, kv_cache_memory_bytes=64 << 20)  # fmt: skip
-    text = ("<|im_start|>user\nHow many?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
-            "<|im_start|>assistant\n")  # fmt: skip
-    prompt = {"prompt": text, "multi_modal_data": {"image": [Image.new("RGB", (56, 56), (0, 0, 255))]}}
-    out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)[0]
-    assert len(out.outputs[0].token_ids) == 4
+    script = textwrap.dedent(f"""
+        from PIL import Image
+        from vllm import LLM, SamplingParams
+        llm = LLM(model={tiny_ckpt!r}, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                  limit_mm_per_prompt={{"image": 1, "video": 0}}, kv_cache_memory_bytes=64 << 20)
+        text = ("<|im_start|>user\\nHow many?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\\n"
+                "<|im_start|>assistant\\n")
+        prompt = {{"prompt": text, "multi_modal_data": {{"image": [Image.new("RGB", (56, 56), (0, 0, 255))]}}}}
+        out = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)[0]
+        print("TOKENS", len(out.outputs[0].token_ids))
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert "TOKENS 4" in p.stdout, p.stderr[-2000:]
