@@ -1,0 +1,143 @@
+"""Stream the learner's policy weights into the rollout engines, bucket by bucket, tagged with a policy version.
+
+    sync = WeightSync(target, model_cfg, transport="object_store", dtype="bfloat16")
+    report = sync.push(params, version)          # PushReport
+    sync.verify(params, probe)                   # checksums of what the engines hold, and a logprob probe
+
+`push` never materialises a second copy of the model: buckets of at most `bucket_bytes` are gathered from the
+(possibly sharded) params, converted, shipped and loaded one after another; the next bucket is gathered while
+the current one is being loaded, so at most two are alive. Fused groups (q/k/v, gate/up, weight and bias) never
+straddle buckets. The last bucket carries `final=True`: the engines reset their caches once and take `version`.
+Learner side: importable without torch.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from learner_jax.models.config import Qwen25VLConfig
+from learner_jax.models.hf_names import Params
+
+from .convert import Bucket, gather, plan_buckets, policy_entries, resolve_dtype, wire_itemsizes
+from .transport import Transport, make_transport
+
+
+@dataclass
+class PushReport:
+    version: int
+    transport: str
+    dtype: str  # wire dtype ("params" when the params' own dtype is sent)
+    tensors: int
+    buckets: int
+    bytes: int
+    max_bucket_bytes: int
+    seconds: float  # wall time of the whole push
+    gather_seconds: float  # gathering from the learner's arrays and copying into the transport (overlaps sending)
+    send_seconds: float  # handing buckets over and the engines' loading
+    engine_versions: list[int] = field(default_factory=list)
+
+    @property
+    def gbytes_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def engine_versions(target: Any) -> list[int]:
+    """Policy versions the target's engines report (one per engine)."""
+    try:
+        v = target.policy_version()
+    except AttributeError:  # the rollout service's proxy reaches its pool through pool_call
+        v = target.pool_call("policy_version")
+    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+
+
+class WeightSync:
+    """Pushes params to `target` (anything with `update_weights(named, version, final)` and `policy_version()`).
+
+    `transport`: "direct" | "object_store" | "shm" | "nccl" or a `Transport`; `transport_options` go to it.
+    `dtype`: the engines' weight dtype ("bfloat16", "float32", ...); None sends the params' dtype.
+    """
+
+    def __init__(self, target: Any, model_cfg: Qwen25VLConfig, *, bucket_bytes: int = 256 << 20,
+                 transport: str | Transport = "object_store", dtype: Any = None, prefetch: bool = True,
+                 **transport_options: Any):  # fmt: skip
+        if not callable(getattr(target, "update_weights", None)):
+            raise TypeError(f"target {type(target).__name__} has no update_weights(named, version, final)")
+        self.target = target
+        self.cfg = model_cfg
+        self.bucket_bytes = int(bucket_bytes)
+        if self.bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        self.dtype = resolve_dtype(dtype)
+        self.transport = make_transport(transport, target, **transport_options)
+        self.transport.check_target(target)
+        self.prefetch = prefetch
+        self.entries = policy_entries(model_cfg)
+
+    def plan(self, params: Params) -> list[Bucket]:
+        return plan_buckets(self.entries, self.bucket_bytes, wire_itemsizes(params, self.entries, self.dtype))
+
+    def _prepare(self, params: Params, bucket: Bucket) -> tuple[Any, int, float]:
+        """Gather one bucket and put it into the transport (runs in the gather thread)."""
+        start = time.perf_counter()
+        items = gather(params, bucket.entries, self.dtype, on_device=self.transport.on_device,
+                       defer_layout=self.transport.defers_layout)  # fmt: skip
+        nbytes = sum(w.nbytes for w in items)
+        return self.transport.prepare(items), nbytes, time.perf_counter() - start
+
+    def push(self, params: Params, version: int) -> PushReport:
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"policy version must be a non-negative int, got {version!r}")
+        start = time.perf_counter()
+        buckets = self.plan(params)
+        gather_s = send_s = 0.0
+        sent = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-gather") as pool:
+            future: Optional[Future] = pool.submit(self._prepare, params, buckets[0])
+            try:
+                for k, bucket in enumerate(buckets):
+                    payload, nbytes, seconds = future.result()
+                    future = None
+                    gather_s += seconds
+                    if self.prefetch and k + 1 < len(buckets):
+                        future = pool.submit(self._prepare, params, buckets[k + 1])
+                    t0 = time.perf_counter()
+                    try:
+                        self.transport.send(self.target, payload, version, final=k == len(buckets) - 1)
+                    except Exception as exc:
+                        names = bucket.entries[0].hf_name, bucket.entries[-1].hf_name
+                        raise RuntimeError(f"push of version {version} failed at bucket {k + 1}/{len(buckets)} "
+                                           f"({names[0]} .. {names[1]}); the engines hold a partial update until "
+                                           f"a push completes") from exc  # fmt: skip
+                    finally:
+                        self.transport.release(payload)
+                    send_s += time.perf_counter() - t0
+                    sent += nbytes
+                    if not self.prefetch and k + 1 < len(buckets):
+                        future = pool.submit(self._prepare, params, buckets[k + 1])
+            finally:
+                if future is not None and future.exception() is None:  # prepared but never sent
+                    self.transport.release(future.result()[0])
+        versions = engine_versions(self.target)
+        if any(v != version for v in versions):
+            raise RuntimeError(f"after pushing version {version} the engines report versions {versions}")
+        return PushReport(
+            version=version, transport=self.transport.name, dtype=self.dtype.name if self.dtype else "params",
+            tensors=len(self.entries), buckets=len(buckets), bytes=sent,
+            max_bucket_bytes=max(b.nbytes for b in buckets), seconds=time.perf_counter() - start,
+            gather_seconds=gather_s, send_seconds=send_s, engine_versions=versions,
+        )  # fmt: skip
+
+    def verify(self, params: Params, probe: Optional[Any] = None, *, exact: bool = True, atol: float = 1e-3) -> dict:
+        """Checksums of every tensor the engines hold against `params`, and the logprob probe if given; raises
+        `bridge.verify.WeightMismatch` / `LogprobMismatch`. Returns what was measured."""
+        from .verify import verify_logprobs, verify_weights
+
+        out: dict[str, Any] = {"tensors": verify_weights(self.target, params, self.cfg, dtype=self.dtype, exact=exact)}
+        if probe is not None:
+            out["logprob_max_abs_diff"] = verify_logprobs(self.target, params, self.cfg, probe, atol=atol)
+        return out
+
+    def close(self) -> None:
+        self.transport.close()
