@@ -54,10 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
-        check_model_path(cfg)
+        if cfg.pipeline == "rl":
+            check_model_path(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.pipeline == "demo":
+        from learner_jax.demo import run_demo
+
+        run_demo(cfg)
+        return 0
     from learner_jax.trainer import train
 
     train(cfg, resume=args.load_checkpoint)

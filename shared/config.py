@@ -129,6 +129,8 @@ class TrainConfig:
     wandb_project: Optional[str] = None
     seed: int = 42
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    exact_old_logprobs: bool = True  # old/ref logprobs from the update's own program: step 0 exactly on-policy
+    verify_every: int = 10  # rollouts between checksum checks of the engines' weights (and the first); 0 = off
     max_rollouts: Optional[int] = None  # stop early (smoke runs)
 
 

@@ -31,11 +31,11 @@ def _solution(steps: str, answer: int) -> str:
     return f"<think>{steps}</think><answer>The answer is $\\boxed{{{answer}}}$</answer>"
 
 
-def text_task(rng: random.Random) -> tuple[str, int, str]:
-    a, b = rng.randint(1, 49), rng.randint(1, 49)
+def text_task(rng: random.Random, max_operand: int = 49) -> tuple[str, int, str]:
+    a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
     op = rng.choice(["+", "-", "*"])
     if op == "*":
-        a, b = rng.randint(2, 12), rng.randint(2, 9)
+        a, b = rng.randint(2, min(12, max_operand)), rng.randint(2, 9)
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
     return f"What is {a} {op} {b}?", value, _solution(f"{a} {op} {b} = {value}", value)
 
@@ -73,7 +73,8 @@ def _row(system: str, question: str, answer: int, solution: str, task: str, imag
 
 
 def write_split(
-    out_dir: Path, name: str, n: int, seed: int, kind: str, *, image_size: int = 56, system: str = SHORT_SYSTEM_PROMPT
+    out_dir: Path, name: str, n: int, seed: int, kind: str, *, image_size: int = 56, system: str = SHORT_SYSTEM_PROMPT,
+    max_operand: int = 49,
 ) -> Path:
     """Write `name.jsonl` (and its images under `images/name/`) with n rows of kind 'text' or 'image'."""
     rng = random.Random(seed)
@@ -83,7 +84,7 @@ def write_split(
     with path.open("w") as f:
         for i in range(n):
             if kind == "text":
-                f.write(json.dumps(_row(system, *text_task(rng), task="arith")) + "\n")
+                f.write(json.dumps(_row(system, *text_task(rng, max_operand), task="arith")) + "\n")
                 continue
             make, task = rng.choice([(count_task, "count"), (sum_task, "sum")])
             q, ans, sol, img = make(rng, image_size)
@@ -111,11 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=56)
+    ap.add_argument("--max-operand", type=int, default=49, help="largest operand of the arithmetic tasks")
     ap.add_argument("--system", choices=["short", "lmmr1"], default="short")
     args = ap.parse_args(argv)
     system = SHORT_SYSTEM_PROMPT if args.system == "short" else LMMR1_SYSTEM_PROMPT
     for name, path in write_suite(args.out, args.train, args.test, args.seed, image_size=args.image_size,
-                                  system=system).items():  # fmt: skip
+                                  system=system, max_operand=args.max_operand).items():  # fmt: skip
         print(f"{name}: {path}")
 
 

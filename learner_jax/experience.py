@@ -1,0 +1,59 @@
+"""One rollout's samples as learner arrays (host side, numpy).
+
+Every sequence is prompt ‖ response, left-padded to one length T for the whole rollout, so all micro-batches of
+the rollout share T (one compilation) and every response ends at position T-1. Per-token quantities live on the
+L = T-1 next-token positions: position t scores token t+1, and is an action when token t+1 is a response token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from shared.records import Sample, VisionInputs
+
+from .models.batch import build_batch
+from .models.config import Qwen25VLConfig
+from .models.vision_plan import bucket
+
+
+@dataclass
+class Experience:
+    token_ids: list[list[int]]  # prompt + response per sample
+    vision: list[VisionInputs]  # per sample (shared by the samples of one prompt)
+    action_mask_BL: np.ndarray  # float32
+    rollout_logp_BL: np.ndarray  # engine logprobs at action positions, 0 elsewhere
+    rewards_B: np.ndarray
+    seq_len: int
+    response_lengths: np.ndarray
+    finish_length_B: np.ndarray  # 1 where generation stopped on max_tokens
+
+    @property
+    def size(self) -> int:
+        return len(self.token_ids)
+
+    def micro_batch(self, idx: Sequence[int], cfg: Qwen25VLConfig, pad_token_id: int) -> dict[str, np.ndarray]:
+        return build_batch([self.token_ids[i] for i in idx], [self.vision[i] for i in idx], cfg,
+                           pad_token_id=pad_token_id, seq_len=self.seq_len)  # fmt: skip
+
+
+def make_experience(groups: list[list[Sample]], vision: list[VisionInputs], rewards_B: np.ndarray) -> Experience:
+    samples = [s for g in groups for s in g]
+    vis = [v for g, v in zip(groups, vision) for _ in g]
+    token_ids = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
+    T = bucket(max(len(t) for t in token_ids))
+    B, L = len(samples), T - 1
+    mask = np.zeros((B, L), np.float32)
+    rollout_logp = np.zeros((B, L), np.float32)
+    for b, s in enumerate(samples):
+        r = len(s.response_ids)
+        if r:
+            mask[b, L - r:] = 1.0
+            rollout_logp[b, L - r:] = s.logprobs
+    return Experience(
+        token_ids=token_ids, vision=vis, action_mask_BL=mask, rollout_logp_BL=rollout_logp,
+        rewards_B=np.asarray(rewards_B, np.float32), seq_len=T,
+        response_lengths=np.array([len(s.response_ids) for s in samples]),
+        finish_length_B=np.array([s.finish_reason == "length" for s in samples], np.float32),
+    )  # fmt: skip
