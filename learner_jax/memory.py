@@ -1,0 +1,249 @@
+"""Per-device memory of a training configuration under each sharding strategy, planned without allocating.
+
+    python -m learner_jax.memory --config fre_text --devices 8 --device-gb 80
+
+Parameters, gradients and optimizer state are exact: the shard shapes of the abstract trees (ShapeDtypeStructs,
+`jax.eval_shape` of the optimizer's init) under the strategy's own shardings on an `AbstractMesh`, the same code
+path a run uses. Activations are an estimate from the batch geometry (see `activation_bytes`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from shared.config import SHARDING_STRATEGIES, Config, ShardingConfig, derive, load_config
+
+from .models.config import Qwen25VLConfig
+from .models.hf_names import abstract_params
+from .optim import make_optimizer
+from .sharding import Strategy, path_str, shard_bytes
+
+GIB = 1 << 30
+
+_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+           "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "in_chans": 3,
+           "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}  # fmt: skip
+_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652}
+# The released configs' values (config.json of Qwen/Qwen2.5-VL-{3B,7B}-Instruct), for planning without the files.
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2.5-vl-3b": {
+        "model_type": "qwen2_5_vl", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008,
+        "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2, "tie_word_embeddings": True,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "rope_theta": 1000000.0,
+        "vision_config": {**_VISION, "out_hidden_size": 2048}, **_IDS,
+    },
+    "qwen2.5-vl-7b": {
+        "model_type": "qwen2_5_vl", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "rope_theta": 1000000.0,
+        "vision_config": {**_VISION, "out_hidden_size": 3584}, **_IDS,
+    },
+}  # fmt: skip
+
+
+def model_config(cfg: Config, arch: Optional[str] = None) -> Qwen25VLConfig:
+    """The architecture to plan for: a preset by name, else the checkpoint's config.json, else the preset the
+    checkpoint directory's name points to (e.g. models/Qwen2.5-VL-3B-Instruct before it is downloaded)."""
+    if arch is not None:
+        if arch.lower() not in PRESETS:
+            raise ValueError(f"unknown architecture {arch!r}; presets: {', '.join(PRESETS)}")
+        return Qwen25VLConfig.from_hf(PRESETS[arch.lower()])
+    path = Path(cfg.model.path)
+    if (path / "config.json").exists():
+        return Qwen25VLConfig.from_hf(path)
+    for name, raw in PRESETS.items():
+        if name.split("-")[-1] in path.name.lower() and "qwen2.5-vl" in path.name.lower():
+            return Qwen25VLConfig.from_hf(raw)
+    raise ValueError(f"model.path {cfg.model.path!r} has no config.json and names no preset; pass --arch "
+                     f"({', '.join(PRESETS)})")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def decoder_layer_bytes_per_token(cfg: Qwen25VLConfig, dtype_bytes: int, tensor: int, seq_len: int,
+                                  fused_attention: bool) -> float:  # fmt: skip
+    """Bytes one decoder layer keeps per token for its backward pass: residual and norm outputs (4 D), q/k/v
+    after RoPE and the attention output (2 Dq + 2 Dkv), the SwiGLU intermediates (4 I), in the compute dtype
+    and split where tensor parallelism splits the weights; plus the attention probabilities: float32 (and a
+    compute-dtype copy) per head and key for the explicit softmax, one float32 statistic per head when fused."""
+    t = cfg.text
+    d_q, d_kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    kv_split = tensor if t.num_kv_heads % tensor == 0 else 1
+    sharded = (2 * d_q + 4 * t.intermediate_size) / tensor + 2 * d_kv / kv_split
+    per_key = 4 + (dtype_bytes if dtype_bytes < 4 else 0)
+    probs = t.num_heads / tensor * (4 if fused_attention else per_key * seq_len)
+    return dtype_bytes * (4 * t.hidden_size + sharded) + probs
+
+
+def activation_bytes(cfg: Qwen25VLConfig, micro_batch: int, seq_len: int, dtype_bytes: int, remat: bool,
+                     tensor: int = 1, fused_attention: bool = True, logprob_chunk: int = 1024) -> int:  # fmt: skip
+    """Estimated peak activation memory of one micro-batch's forward + backward on one device (text decoder).
+
+    Without remat every layer's saved tensors live until the backward pass. With remat (per-layer
+    `jax.checkpoint`) only each layer's input (D per token) is kept, plus one layer recomputed at a time.
+    On top: the embedding output, the final norm, the residual-stream gradient (about 4 D per token), the
+    boolean [T, T] mask per sample, and three [chunk, V] float32 blocks of the chunked log-prob head.
+    """
+    t = cfg.text
+    tokens = micro_batch * seq_len
+    layer = decoder_layer_bytes_per_token(cfg, dtype_bytes, tensor, seq_len, fused_attention)
+    kept = t.num_layers * (dtype_bytes * t.hidden_size + (0 if remat else layer)) + (layer if remat else 0)
+    extras = tokens * 4 * dtype_bytes * t.hidden_size + micro_batch * seq_len * seq_len
+    head = 3 * 4 * min(logprob_chunk, tokens) * t.vocab_size / tensor
+    return int(tokens * kept + extras + head)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class MemoryReport:
+    strategy: str
+    mesh: dict[str, int]
+    params: int  # bytes per device (largest shard), float32 master weights
+    grads: int  # the gradient accumulator
+    opt_state: int
+    opt_on_host: bool
+    reference: int  # frozen reference policy, same shardings as the params
+    compute_copy: int  # the params cast to the compute dtype inside the forward pass (0 for float32)
+    activations: int  # estimate, with the config's remat setting
+    activations_no_remat: int
+    leaves: dict[str, dict[str, int]]  # "params" / "opt_state" -> path -> bytes per device
+    notes: list[str]  # partition-rule fallbacks (a dim that did not divide and stayed replicated)
+
+    @property
+    def device_total(self) -> int:
+        opt = 0 if self.opt_on_host else self.opt_state
+        return self.params + self.grads + opt + self.reference + self.compute_copy + self.activations
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("leaves", "notes")}
+        out["device_total"] = self.device_total
+        return out
+
+
+def tree_bytes(tree: Any, shardings: Any) -> dict[str, int]:
+    """Bytes per device of each leaf: the largest shard's size under its sharding."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p): shard_bytes(leaf, s) for (p, leaf), s in zip(flat, jax.tree.leaves(shardings))}
+
+
+def memory_report(strategy: Strategy, params: Any, opt_state: Any, *, micro_batch: int, seq_len: int,
+                  compute_dtype: str = "bfloat16", remat: bool = True, with_reference: bool = False,
+                  fused_attention: bool = True, logprob_chunk: int = 1024) -> MemoryReport:  # fmt: skip
+    """The memory of `strategy` for a params tree and optimizer state (arrays or ShapeDtypeStructs).
+
+    `micro_batch` is the number of sequences each data-parallel rank processes at once, `seq_len` their length.
+    """
+    p = tree_bytes(params, strategy.param_shardings(params))
+    g = tree_bytes(params, strategy.grad_shardings(params))
+    o = tree_bytes(opt_state, strategy.opt_shardings(opt_state))
+    p_total = sum(p.values())
+    dtype_bytes = jnp.dtype(compute_dtype).itemsize
+    act = lambda r: activation_bytes(strategy.model, micro_batch, seq_len, dtype_bytes, r,  # noqa: E731
+                                     strategy.sizes["tensor"], fused_attention, logprob_chunk)
+    return MemoryReport(
+        strategy=strategy.name, mesh=strategy.sizes, params=p_total, grads=sum(g.values()),
+        opt_state=sum(o.values()), opt_on_host=strategy.offload_active,
+        reference=p_total if with_reference else 0,
+        compute_copy=p_total * dtype_bytes // 4 if dtype_bytes < 4 else 0,
+        activations=act(remat), activations_no_remat=act(False),
+        leaves={"params": p, "opt_state": o}, notes=list(strategy.notes),
+    )  # fmt: skip
+
+
+def default_layout(strategy: str, num_devices: int, heads: int, cfg: ShardingConfig) -> ShardingConfig:
+    """The config's own layout for its strategy; for the others a canonical one on the same devices: data
+    parallel for replicated/zero1/zero2, all devices on fsdp for zero3, the largest tensor group that divides
+    the heads (at most 8, within a node) for tensor."""
+    if strategy == cfg.strategy:
+        return cfg
+    if strategy == "zero3":
+        return ShardingConfig(strategy, data=1, fsdp=num_devices, offload_optimizer=cfg.offload_optimizer)
+    if strategy == "tensor":
+        fits = [k for k in (8, 4, 2) if num_devices % k == 0 and heads % k == 0]
+        if not fits:
+            raise ValueError(f"no tensor group of 2, 4 or 8 divides {num_devices} devices and {heads} heads")
+        tp = cfg.tensor if cfg.tensor > 1 else fits[0]
+        return ShardingConfig(strategy, data=-1, tensor=tp, offload_optimizer=cfg.offload_optimizer)
+    return ShardingConfig(strategy, data=-1, offload_optimizer=cfg.offload_optimizer)
+
+
+def plan(cfg: Config, model: Qwen25VLConfig, num_devices: int,
+         strategies: Sequence[str] = SHARDING_STRATEGIES, platform: str = "gpu",
+         fused_attention: Optional[bool] = None) -> list[MemoryReport]:  # fmt: skip
+    """A report per strategy for the policy of `cfg` (actor, plus the reference when the run uses one)."""
+    params = abstract_params(model)
+    tx, _ = make_optimizer(cfg.actor, 1000, params)
+    opt_state = jax.eval_shape(tx.init, params)
+    seq_len = cfg.data.prompt_max_len + cfg.rollout.generate_max_len
+    fused = platform != "cpu" if fused_attention is None else fused_attention
+    reports = []
+    for name in strategies:
+        layout = default_layout(name, num_devices, model.text.num_heads, cfg.sharding)
+        strategy = Strategy.abstract(layout, model, num_devices, platform=platform)
+        reports.append(memory_report(strategy, params, opt_state, micro_batch=cfg.train.micro_train_batch_size,
+                                     seq_len=seq_len, compute_dtype=cfg.model.dtype, remat=cfg.model.remat,
+                                     with_reference=cfg.uses_reference, fused_attention=fused))  # fmt: skip
+    return reports
+
+
+def format_table(reports: Sequence[MemoryReport], device_gib: float, title: str = "") -> str:
+    head = ("strategy", "d/f/t", "params", "grads", "opt", "ref", "bf16copy", "act", "act0", "total", "fits")
+    rows = [head]
+    for r in reports:
+        gib = [f"{b / GIB:.2f}" for b in (r.params, r.grads, r.opt_state, r.reference, r.compute_copy,
+                                           r.activations, r.activations_no_remat, r.device_total)]  # fmt: skip
+        gib[2] += "h" if r.opt_on_host else ""
+        fits = "yes" if r.device_total <= device_gib * GIB else "NO"
+        rows.append((r.strategy, "/".join(str(r.mesh[a]) for a in ("data", "fsdp", "tensor")), *gib, fits))
+    lines = [f"{row[0]:<11s}" + "".join(f"{c:>9s}" for c in row[1:]) for row in rows]
+    return "\n".join(([title] if title else []) + lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="config name or YAML path")
+    ap.add_argument("--set", action="append", default=[], help="override, e.g. train.micro_train_batch_size=1")
+    ap.add_argument("--devices", type=int, required=True)
+    ap.add_argument("--device-gb", type=float, required=True, help="memory per device, GiB")
+    ap.add_argument("--arch", help=f"plan this architecture instead of model.path ({', '.join(PRESETS)})")
+    ap.add_argument("--platform", default="gpu", choices=("gpu", "tpu", "cpu"),
+                    help="cpu assumes the explicit softmax attention (T x T probabilities per head)")
+    ap.add_argument("--strategies", nargs="+", default=list(SHARDING_STRATEGIES), choices=SHARDING_STRATEGIES)
+    ap.add_argument("--json", action="store_true", help="print the reports as JSON instead of a table")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    model = model_config(cfg, args.arch)
+    reports = plan(cfg, model, args.devices, args.strategies, args.platform)
+    if args.json:
+        json.dump([r.summary() for r in reports], sys.stdout, indent=1)
+        print()
+        return
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(model)))
+    t = cfg.train
+    seq = derive(cfg, None)["max_model_len"]
+    title = (f"{cfg.name}: {n_params / 1e9:.2f}B params (text {model.text.num_layers}x{model.text.hidden_size}, "
+             f"vision {model.vision.depth}x{model.vision.hidden_size}), {args.devices} x {args.device_gb:g} GiB\n"
+             f"micro-batch {t.micro_train_batch_size} x {seq} tokens per data-parallel rank, compute {cfg.model.dtype}, "
+             f"remat {'on' if cfg.model.remat else 'off'}, reference model {'yes' if cfg.uses_reference else 'no'}\n"
+             "GiB per device (mesh data/fsdp/tensor); act = activations as configured, act0 = without remat; "
+             "opt 'h' = in host memory, not counted in total")  # fmt: skip
+    print(format_table(reports, args.device_gb, title))
+    for r in reports:
+        for note in r.notes:
+            print(f"  {r.strategy}: {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""Device mesh, partition rules and sharding strategies of the learner.
+
+One mesh with axes (data, fsdp, tensor). `PARAM_RULES` declares, for every parameter of the Qwen2.5-VL port,
+which dimension is split for tensor parallelism (Megatron layout: q/k/v/gate/up column-parallel, o/down
+row-parallel, vocabulary-parallel embedding and head). ZeRO/FSDP sharding is generic on top of it: the largest
+remaining dimension that divides evenly goes to the sharding axes. The strategy picks what gets that sharding:
+
+    strategy     parameters     gradients      optimizer state      batch split over
+    replicated   -              -              -                    data x fsdp
+    zero1        -              -              data x fsdp          data x fsdp
+    zero2        -              data x fsdp    data x fsdp          data x fsdp
+    zero3        fsdp           data x fsdp    data x fsdp          data x fsdp
+    tensor       tensor         tensor         tensor               data x fsdp
+
+Tensor-parallel rules apply under any zero strategy as well when the mesh's tensor axis is > 1 (2-D sharding).
+All strategies compute the same function: GSPMD inserts the collectives, so only speed and memory differ.
+With `offload_optimizer` the optimizer state lives in `pinned_host` memory and the optimizer step moves it to the
+device and back; a backend without that memory kind keeps it on the device (with a warning).
+
+    strategy = Strategy.from_config(cfg.sharding, model_cfg)        # or Strategy.abstract(...) for planning
+    params = strategy.place(numpy_params, strategy.param_shardings(params))
+    step = TrainStep(strategy, loss_fn, tx, params)                  # jitted accumulate + apply
+    opt_state = step.init_opt_state(params)
+    params, opt_state, metrics = step(params, opt_state, [(batch, args), ...])
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+from shared.config import ShardingConfig
+
+from .models.config import Qwen25VLConfig
+
+log = logging.getLogger(__name__)
+
+AXES = ("data", "fsdp", "tensor")
+ZERO_AXES = ("data", "fsdp")  # every data-parallel device: the batch, gradients and optimizer state split here
+
+# Tensor-parallel layout per parameter: regex on the '/'-joined path -> logical axis of each dimension after the
+# stacking axis (None: never tensor-sharded). Matched at the end of a path, so the same table serves gradients
+# and the optimizer state's moment trees (".../mu/text/layers/q/kernel").
+PARAM_RULES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
+    (r"text/embed/embedding", ("vocab", None)),
+    (r"lm_head/kernel", (None, "vocab")),
+    (r"value_head/kernel", (None, None)),
+    (r"text/layers/q/kernel", (None, "heads")),
+    (r"text/layers/q/bias", ("heads",)),
+    (r"text/layers/[kv]/kernel", (None, "kv_heads")),
+    (r"text/layers/[kv]/bias", ("kv_heads",)),
+    (r"text/layers/o/kernel", ("heads", None)),
+    (r"text/layers/mlp/(gate|up)/kernel", (None, "mlp")),
+    (r"text/layers/mlp/down/kernel", ("mlp", None)),
+    (r"text/(layers/input_norm|layers/post_norm|norm)/scale", (None,)),
+    (r"visual/patch_embed/kernel", (None, None)),
+    (r"visual/blocks/norm[12]/scale", (None,)),
+    # The fused qkv output is laid out (3, heads, head_dim): a contiguous split would cut across q, k and v, so
+    # vision attention is not tensor-parallel; FSDP still splits it (it is 5.6% of the 3B model's parameters).
+    (r"visual/blocks/attn/(qkv|proj)/kernel", (None, None)),
+    (r"visual/blocks/attn/(qkv|proj)/bias", (None,)),
+    (r"visual/blocks/mlp/(gate|up)/kernel", (None, "mlp")),
+    (r"visual/blocks/mlp/(gate|up)/bias", ("mlp",)),
+    (r"visual/blocks/mlp/down/kernel", ("mlp", None)),
+    (r"visual/blocks/mlp/down/bias", (None,)),
+    (r"visual/merger/norm/scale", (None,)),
+    (r"visual/merger/fc1/kernel", (None, "mlp")),
+    (r"visual/merger/fc1/bias", ("mlp",)),
+    (r"visual/merger/fc2/kernel", ("mlp", None)),
+    (r"visual/merger/fc2/bias", (None,)),
+)
+STACKED = r"(text/layers|visual/blocks)/"  # leaves with a leading layer axis (lax.scan); never sharded
+_COMPILED = [(re.compile(rf"(?:^|/){pattern}$"), template) for pattern, template in PARAM_RULES]
+_STACKED = re.compile(rf"(?:^|/){STACKED}")
+
+
+def tensor_units(cfg: Qwen25VLConfig) -> dict[str, int]:
+    """Granularity of each tensor-parallel logical axis: head dimensions split only at whole heads."""
+    return {"vocab": 1, "mlp": 1, "heads": cfg.text.head_dim, "kv_heads": cfg.text.head_dim}
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+def initialize_distributed(coordinator_address: Optional[str], num_processes: int = 1, process_id: int = 0,
+                           local_device_ids: Optional[Sequence[int]] = None) -> None:  # fmt: skip
+    """Join a multi-host JAX runtime; a no-op for a single process (`coordinator_address` None).
+
+    Every learner process calls this before touching devices, with the same `coordinator_address`
+    ("host:port" of process 0) and its own `process_id`; under Ray the driver hands these to each learner
+    actor. Afterwards `jax.devices()` lists all hosts' devices and `make_mesh` spans them.
+    """
+    if coordinator_address is None:
+        if num_processes != 1:
+            raise ValueError(f"num_processes={num_processes} needs a coordinator_address (host:port of process 0)")
+        return
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)  # fmt: skip
+
+
+def simulated_cpu_env(num_devices: int) -> dict[str, str]:
+    """Environment for `num_devices` simulated CPU devices, to set before JAX first touches a device (tests,
+    benchmarks, CPU demos of a sharded run).
+
+    XLA:CPU runs all devices' programs, and the asynchronous dispatch of the next program, on one thread pool of
+    max(cores, devices) threads. A device waiting in a collective holds its thread, so one thread per device
+    can deadlock (seen with tensor-parallel layouts on 2 cores); four per device leave room.
+    """
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}", "PJRT_NPROC": str(4 * num_devices)}
+
+
+def axis_sizes(cfg: ShardingConfig, num_devices: int) -> dict[str, int]:
+    """The mesh shape {data, fsdp, tensor} for `num_devices`; data = -1 takes the devices the others leave."""
+    inner = cfg.fsdp * cfg.tensor
+    if cfg.fsdp < 1 or cfg.tensor < 1 or (cfg.data < 1 and cfg.data != -1):
+        raise ValueError(f"sharding axis sizes must be >= 1 (data may be -1), got data={cfg.data} "
+                         f"fsdp={cfg.fsdp} tensor={cfg.tensor}")  # fmt: skip
+    data = num_devices // inner if cfg.data == -1 else cfg.data
+    if data < 1 or data * inner != num_devices:
+        raise ValueError(f"sharding data={cfg.data} x fsdp={cfg.fsdp} x tensor={cfg.tensor} does not match the "
+                         f"{num_devices} devices (their product must equal the device count)")  # fmt: skip
+    return {"data": data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+
+
+def make_mesh(cfg: ShardingConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all, every host). Tensor is the innermost axis, so
+    tensor-parallel groups are neighbouring devices (same host, fastest links)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = axis_sizes(cfg, len(devices))
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+# --------------------------------------------------------------------------- partition specs
+
+
+def path_str(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def match_rule(path: str) -> Optional[tuple[tuple[Optional[str], ...], str]]:
+    """The first rule matching `path`: its template and the parameter path it matched (a suffix of `path`)."""
+    for pattern, template in _COMPILED:
+        m = pattern.search(path)
+        if m:
+            return template, path[m.start():].lstrip("/")
+    return None
+
+
+def leaf_spec(path: str, shape: tuple[int, ...], sizes: dict[str, int], units: dict[str, int],
+              zero_axes: tuple[str, ...], notes: Optional[list[str]] = None) -> PartitionSpec:  # fmt: skip
+    """PartitionSpec of one array: tensor-parallel dims from the rule table, then `zero_axes` on the largest
+    remaining dim that divides evenly. A dim that does not divide stays replicated (recorded in `notes`).
+    Paths without a rule (optimizer counters, unknown leaves) are replicated."""
+    ndim = len(shape)
+    rule = match_rule(path)
+    if rule is None or ndim == 0:
+        return PartitionSpec()
+    template, param = rule  # notes name the parameter, so its gradient and moments share one note
+    stacked = bool(_STACKED.search(path))
+    if len(template) + stacked != ndim:
+        raise ValueError(f"{path}: shape {shape} has {ndim} dims; the partition rule expects "
+                         f"{len(template) + stacked} ({'stacked ' if stacked else ''}{template})")  # fmt: skip
+    logical = ((None,) if stacked else ()) + template
+    spec: list[Any] = [None] * ndim
+    tp = sizes["tensor"]
+    for d, name in enumerate(logical):
+        if name is None or tp == 1:
+            continue
+        unit = units.get(name, 1)
+        if shape[d] % unit == 0 and (shape[d] // unit) % tp == 0:
+            spec[d] = "tensor"
+        elif notes is not None:
+            notes.append(f"{param} {shape}: dim {d} ({name}, {shape[d] // unit} x {unit}) does not split over "
+                         f"tensor={tp}; replicated on tensor")  # fmt: skip
+    zero_axes = tuple(a for a in zero_axes if sizes[a] > 1)
+    n = math.prod(sizes[a] for a in zero_axes)
+    if n > 1:
+        free = [d for d in range(int(stacked), ndim) if spec[d] is None]
+        fits = [d for d in sorted(free, key=lambda d: -shape[d]) if shape[d] % n == 0]
+        if fits:
+            spec[fits[0]] = zero_axes[0] if len(zero_axes) == 1 else zero_axes
+        elif notes is not None:
+            notes.append(f"{param} {shape}: no dim divides by {'x'.join(zero_axes)}={n}; replicated there")
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def tree_specs(tree: Any, sizes: dict[str, int], units: dict[str, int], zero_axes: tuple[str, ...],
+               notes: Optional[list[str]] = None, require_rule: bool = False) -> Any:  # fmt: skip
+    def one(path, leaf):
+        name = path_str(path)
+        if require_rule and match_rule(name) is None:
+            raise ValueError(f"no partition rule for parameter {name} {tuple(leaf.shape)}; add one to PARAM_RULES")
+        return leaf_spec(name, tuple(leaf.shape), sizes, units, zero_axes, notes)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_spec(name: str, shape: tuple[int, ...], sizes: dict[str, int]) -> PartitionSpec:
+    """Split a batch array on its B dimension, read from the name's shape suffix (`input_ids_BT`,
+    `position_ids_3BT`). Arrays without B (concatenated image patches, vision plan) stay replicated."""
+    suffix = name.rsplit("_", 1)[-1]
+    if not suffix.isupper() or len(suffix) != len(shape) or "B" not in suffix:
+        return PartitionSpec()
+    return split_spec(suffix.index("B"), shape, sizes, name)
+
+
+def split_spec(dim: int, shape: tuple[int, ...], sizes: dict[str, int], what: str) -> PartitionSpec:
+    """`dim` split over every data-parallel device (data x fsdp); it must divide evenly."""
+    axes = tuple(a for a in ZERO_AXES if sizes[a] > 1)
+    n = math.prod(sizes[a] for a in axes)
+    if n == 1:
+        return PartitionSpec()
+    if shape[dim] % n:
+        raise ValueError(f"{what} has {shape[dim]} rows, not divisible by the {n} data-parallel devices "
+                         f"({' x '.join(axes)}); make the micro-batch a multiple of {n}")  # fmt: skip
+    return PartitionSpec(*([None] * dim), axes[0] if len(axes) == 1 else axes)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass(frozen=True)
+class _Stages:
+    params: tuple[str, ...]
+    grads: tuple[str, ...]
+    opt: tuple[str, ...]
+
+
+_STAGES = {
+    "replicated": _Stages((), (), ()),
+    "zero1": _Stages((), (), ZERO_AXES),
+    "zero2": _Stages((), ZERO_AXES, ZERO_AXES),
+    "zero3": _Stages(("fsdp",), ZERO_AXES, ZERO_AXES),
+    "tensor": _Stages((), (), ()),
+}
+
+
+@dataclass
+class Strategy:
+    """Shardings of params, gradients, optimizer state and batches for one strategy on one mesh.
+
+    `mesh` may be an `AbstractMesh` (planning without devices): every `*_shardings` method works, `place` and
+    training do not.
+    """
+
+    name: str
+    mesh: Mesh | AbstractMesh
+    model: Qwen25VLConfig
+    offload_optimizer: bool = False
+    platform: str = ""  # backend of the mesh's devices; given for an abstract mesh ("gpu" plans by default)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.name not in _STAGES:
+            raise ValueError(f"sharding strategy {self.name!r}: expected one of {', '.join(_STAGES)}")
+        sizes = self.sizes
+        if not self.platform:
+            self.platform = "gpu" if self.is_abstract else self.mesh.devices.flat[0].platform
+        if self.name == "replicated" and sizes["tensor"] > 1:
+            raise ValueError("strategy 'replicated' with sharding.tensor > 1: use strategy 'tensor' (or a zero "
+                             "strategy) for tensor parallelism")  # fmt: skip
+        if self.name == "tensor" and sizes["tensor"] < 2:
+            raise ValueError("strategy 'tensor' needs sharding.tensor >= 2")
+        if self.name == "zero3" and sizes["fsdp"] < 2:
+            raise ValueError("strategy 'zero3' shards parameters over the fsdp axis; set sharding.fsdp >= 2")
+        self.offload_active = False
+        if self.offload_optimizer:
+            self.offload_active = self._host_memory_supported()
+            if not self.offload_active:
+                log.warning("offload_optimizer: the %s backend has no pinned_host memory; optimizer state stays "
+                            "in device memory", self.platform)  # fmt: skip
+
+    @classmethod
+    def from_config(cls, cfg: ShardingConfig, model: Qwen25VLConfig,
+                    devices: Optional[Sequence[jax.Device]] = None) -> "Strategy":  # fmt: skip
+        return cls(cfg.strategy, make_mesh(cfg, devices), model, cfg.offload_optimizer)
+
+    @classmethod
+    def abstract(cls, cfg: ShardingConfig, model: Qwen25VLConfig, num_devices: int,
+                 platform: str = "gpu") -> "Strategy":  # fmt: skip
+        """A strategy on an `AbstractMesh` of `num_devices` (no devices needed): shardings and memory plans only."""
+        sizes = axis_sizes(cfg, num_devices)
+        mesh = AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(AxisType.Auto,) * 3)
+        return cls(cfg.strategy, mesh, model, cfg.offload_optimizer, platform=platform)
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))
+
+    @property
+    def is_abstract(self) -> bool:
+        return isinstance(self.mesh, AbstractMesh)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Devices that each take a different slice of the batch (data x fsdp)."""
+        return self.sizes["data"] * self.sizes["fsdp"]
+
+    def _host_memory_supported(self) -> bool:
+        if self.is_abstract:
+            return True  # GPU and TPU runtimes (and the CPU one) provide pinned_host memory
+        kinds = {m.kind for m in self.mesh.devices.flat[0].addressable_memories()}
+        return "pinned_host" in kinds
+
+    # ----------------------------------------------------------------- shardings
+
+    def _shardings(self, tree: Any, zero_axes: tuple[str, ...], memory_kind: Optional[str] = None,
+                   require_rule: bool = False) -> Any:  # fmt: skip
+        notes: list[str] = []
+        specs = tree_specs(tree, self.sizes, tensor_units(self.model), zero_axes, notes, require_rule)
+        for note in notes:
+            if note not in self.notes:
+                self.notes.append(note)
+                log.debug("sharding fallback: %s", note)
+        return jax.tree.map(lambda s: NamedSharding(self.mesh, s, memory_kind=memory_kind), specs,
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))  # fmt: skip
+
+    def param_shardings(self, abstract_params: Any) -> Any:
+        """Every leaf must have a rule in PARAM_RULES (a new parameter fails loudly instead of replicating)."""
+        return self._shardings(abstract_params, _STAGES[self.name].params, require_rule=True)
+
+    def grad_shardings(self, abstract_params: Any) -> Any:
+        """Layout the accumulated gradients are reduced into: for zero2/zero3 a reduce-scatter onto the shards."""
+        return self._shardings(abstract_params, _STAGES[self.name].grads)
+
+    def opt_shardings(self, abstract_opt_state: Any, on_host: Optional[bool] = None) -> Any:
+        """Shardings of an optimizer state (moments follow their parameter's rule; counters are replicated).
+        With offload, in pinned host memory (`on_host=False` gives the device-memory twin used inside a step)."""
+        host = self.offload_active if on_host is None else on_host
+        return self._shardings(abstract_opt_state, _STAGES[self.name].opt, "pinned_host" if host else None)
+
+    def batch_sharding(self, batch: dict[str, Any]) -> dict[str, NamedSharding]:
+        return {k: NamedSharding(self.mesh, batch_spec(k, tuple(np.shape(v)), self.sizes)) for k, v in batch.items()}
+
+    def sample_sharding(self, x: Any, batch_size: int) -> NamedSharding:
+        """Per-sample arrays (leading dim = batch size) split like the batch; anything else replicated."""
+        shape = tuple(np.shape(x))
+        split = bool(shape) and shape[0] == batch_size
+        return NamedSharding(self.mesh, split_spec(0, shape, self.sizes, "a per-sample array") if split
+                             else PartitionSpec())  # fmt: skip
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    # ----------------------------------------------------------------- placement
+
+    def place(self, tree: Any, shardings: Any) -> Any:
+        """Put a tree on the mesh. Host (numpy) leaves are cut per device, so no device ever holds a whole array
+        it should only hold a shard of, and each host passes only its own devices' slices (multi-host safe)."""
+        if self.is_abstract:
+            raise ValueError("an abstract strategy (planning mesh) cannot place arrays; use Strategy.from_config")
+
+        def put(x, s):
+            if isinstance(x, jax.Array):
+                return jax.device_put(x, s)
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+        return jax.tree.map(put, tree, shardings)
+
+    def listing(self, tree: Any, shardings: Any) -> str:
+        """One line per leaf: path, shape, spec, bytes per device; then the fallbacks taken so far."""
+        rows = []
+        for (path, leaf), s in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(shardings)):
+            per = shard_bytes(leaf, s)
+            rows.append(f"{path_str(path):70s} {str(tuple(leaf.shape)):22s} {str(s.spec):40s} {per:>14,d}")
+        return "\n".join(rows + [f"fallback: {n}" for n in self.notes])
+
+
+def shard_bytes(leaf: Any, sharding: NamedSharding) -> int:
+    """Bytes of the largest shard of `leaf` on one device under `sharding`."""
+    return math.prod(sharding.shard_shape(tuple(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+
+
+# --------------------------------------------------------------------------- train step
+
+
+class TrainStep:
+    """Micro-batch gradient accumulation and one optimizer step, jitted with the strategy's shardings.
+
+    `loss_fn(params, batch, *args) -> (loss, metrics)`. Each micro-batch's gradient is added into an
+    accumulator laid out by `grad_shardings` (donated, so it is updated in place): for zero2/zero3 this makes
+    the cross-device reduction a reduce-scatter. The step applies `tx` to the (scaled) sum; a non-finite
+    gradient norm keeps the old params and optimizer state (selected on device, so donation stays safe).
+    """
+
+    def __init__(self, strategy: Strategy, loss_fn: Callable, tx: optax.GradientTransformation, abstract_params: Any):
+        if strategy.is_abstract:
+            raise ValueError("TrainStep needs a strategy on real devices (Strategy.from_config)")
+        self.strategy, self.tx, self.loss_fn = strategy, tx, loss_fn
+        self._metric_shapes: Optional[dict] = None
+        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        self.param_shardings = strategy.param_shardings(abstract_params)
+        self.grad_shardings = strategy.grad_shardings(abstract_params)
+        self.opt_shardings = strategy.opt_shardings(abstract_opt)
+        opt_on_device = strategy.opt_shardings(abstract_opt, on_host=False)
+        rep = strategy.replicated
+
+        def accumulate(params, acc, sums, batch, *args):
+            (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, *args)
+            sums = jax.tree.map(jnp.add, sums, {"loss": loss, **metrics})
+            return jax.tree.map(jnp.add, acc, g), sums
+
+        def apply(params, opt_state, grads, scale):
+            grads = jax.tree.map(lambda g: g * scale, grads)
+            if strategy.offload_active:  # compute on device memory, store back on host (out_shardings)
+                opt_state = jax.device_put(opt_state, opt_on_device)
+            gnorm = optax.global_norm(grads)
+            finite = jnp.isfinite(gnorm)
+            updates, new_opt = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), gnorm, finite
+
+        self._accumulate = jax.jit(accumulate, out_shardings=(self.grad_shardings, rep), donate_argnums=(1, 2))
+        self._apply = jax.jit(apply, in_shardings=(self.param_shardings, self.opt_shardings, self.grad_shardings, rep),
+                              out_shardings=(self.param_shardings, self.opt_shardings, rep, rep),
+                              donate_argnums=(0, 1))  # fmt: skip
+        self._zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_params),
+                              out_shardings=self.grad_shardings)  # fmt: skip
+        self._init = jax.jit(tx.init, in_shardings=(self.param_shardings,), out_shardings=self.opt_shardings)
+
+    def init_opt_state(self, params: Any) -> Any:
+        return self._init(params)
+
+    def place_micro_batch(self, batch: dict[str, Any], args: tuple = ()) -> tuple[dict[str, jax.Array], tuple]:
+        """The batch split on its B dims; extra arguments split when per-sample, else replicated (None kept)."""
+        s = self.strategy
+        B = int(np.shape(batch["input_ids_BT"])[0])
+        placed = s.place(batch, s.batch_sharding(batch))
+        return placed, tuple(None if a is None else s.place(a, s.sample_sharding(a, B)) for a in args)
+
+    def __call__(self, params: Any, opt_state: Any, micro_batches: Iterable[tuple[dict[str, Any], tuple]],
+                 grad_scale: float = 1.0) -> tuple[Any, Any, dict[str, float]]:  # fmt: skip
+        """One optimizer step over `micro_batches` of (batch, extra loss args). Returns new params, optimizer
+        state and metrics: the per-micro-batch mean of the loss and its metrics, grad_norm, skipped."""
+        acc, sums, n = self._zeros(), None, 0
+        for batch, args in micro_batches:
+            batch, args = self.place_micro_batch(batch, tuple(args))
+            if self._metric_shapes is None:  # metric names are known once the loss is traced
+                loss, metrics = jax.eval_shape(self.loss_fn, params, batch, *args)
+                self._metric_shapes = {"loss": loss, **metrics}
+            if sums is None:
+                sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self._metric_shapes)
+            acc, sums = self._accumulate(params, acc, sums, batch, *args)
+            n += 1
+        if n == 0:
+            raise ValueError("TrainStep needs at least one micro-batch")
+        params, opt_state, gnorm, finite = self._apply(params, opt_state, acc, jnp.float32(grad_scale))
+        metrics = {k: float(v) / n for k, v in sums.items()}
+        metrics["grad_norm"] = float(gnorm)
+        metrics["skipped"] = 0.0 if bool(finite) else 1.0
+        return params, opt_state, metrics
