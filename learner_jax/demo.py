@@ -27,52 +27,52 @@ CACHE = Path(".cache/demo")
 SPEC = TinySpec(seed=0, text_hidden=128, text_layers=4, text_heads=4, kv_heads=2, text_intermediate=384,
                 vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
                 fullatt_block_indexes=[1], min_pixels=3136, max_pixels=12544)  # fmt: skip
-WARM = {"steps": 300, "batch_size": 16, "lr": 2e-3, "train": 1024, "test": 128, "max_operand": 9}
+WARM = {"steps": 200, "batch_size": 16, "lr": 2e-3, "train": 1024, "test": 128, "max_operand": 9, "ops": "+"}
 
 
-def prepare(cfg: Config, root: Path = CACHE) -> Path:
-    """Data, base model and warm start, each rebuilt only when its recipe changed."""
-    key = hashlib.sha1(json.dumps([asdict(SPEC), WARM], sort_keys=True).encode()).hexdigest()[:10]
+def prepare(cfg: Config, root: Path = CACHE, warm: dict = WARM) -> Path:
+    """Data, base model and warm start (at `model.path`), rebuilt only when their recipe changed."""
+    key = hashlib.sha1(json.dumps([asdict(SPEC), warm], sort_keys=True).encode()).hexdigest()[:10]
     warm_dir = Path(cfg.model.path)
     stamp = warm_dir / "lmmrl_warm_start.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return warm_dir
-    write_suite(root / "data", WARM["train"], WARM["test"], seed=0, max_operand=WARM["max_operand"])
+    write_suite(root / "data", warm["train"], warm["test"], seed=0, max_operand=warm["max_operand"], ops=warm["ops"])
     base = write_checkpoint(root / "base", SPEC)
     from .sft import sft
 
     model_cfg, params = load_checkpoint(base)
     rollout = spawn("rollout_torch.service:RolloutService", cfg.to_dict(), str(base), num_cpus=0)
     rows = load_rows(root / "data" / "text_train.jsonl") + load_rows(root / "data" / "image_train.jsonl")
-    params, losses = sft(params, model_cfg, rollout, rows, steps=WARM["steps"], batch_size=WARM["batch_size"],
-                         lr=WARM["lr"], pad_token_id=rollout.token_info()["pad_token_id"])  # fmt: skip
+    params, losses = sft(params, model_cfg, rollout, rows, steps=warm["steps"], batch_size=warm["batch_size"],
+                         lr=warm["lr"], pad_token_id=rollout.token_info()["pad_token_id"])  # fmt: skip
     rollout.close()
     export_hf(params, model_cfg, base, warm_dir)
     stamp.write_text(json.dumps({"key": key, "sft_loss_first_last": [losses[0], losses[-1]]}))
     return warm_dir
 
 
-def stage(cfg: Config, name: str, model_path: str, train_file: str) -> Config:
+def stage(cfg: Config, name: str, model_path: str, train_file: str, root: Path = CACHE) -> Config:
     c = copy.deepcopy(cfg)
     c.name, c.pipeline = f"demo_{name}", "rl"
     c.model.path = model_path
     c.data.train_files = [train_file]
-    c.train.ckpt_dir = str(CACHE / "runs" / name / "ckpt")
-    c.train.log_dir = str(CACHE / "runs" / name / "logs")
-    c.train.export_dir = str(CACHE / "runs" / name / "export")
+    c.train.ckpt_dir = str(root / "runs" / name / "ckpt")
+    c.train.log_dir = str(root / "runs" / name / "logs")
+    c.train.export_dir = str(root / "runs" / name / "export")
     return c
 
 
-def run_demo(cfg: Config) -> dict:
+def run_demo(cfg: Config, root: Path = CACHE, warm_recipe: dict = WARM) -> dict:
     import shutil
 
     from .evaluate import evaluate_files
     from .trainer import train
 
     start_ray(cfg.ray)
-    warm = prepare(cfg)
-    shutil.rmtree(CACHE / "runs", ignore_errors=True)
-    evals = [str(CACHE / "data" / "text_test.jsonl"), str(CACHE / "data" / "image_test.jsonl")]
+    warm = prepare(cfg, root, warm_recipe)
+    shutil.rmtree(root / "runs", ignore_errors=True)
+    evals = [str(root / "data" / "text_test.jsonl"), str(root / "data" / "image_test.jsonl")]
 
     def evaluate(model_path: str) -> dict:
         rollout = spawn("rollout_torch.service:RolloutService", cfg.to_dict(), model_path, num_cpus=0)
@@ -82,16 +82,16 @@ def run_demo(cfg: Config) -> dict:
             rollout.close()
 
     table = {"warm start": evaluate(str(warm))}
-    fre = stage(cfg, "fre", str(warm), str(CACHE / "data" / "text_train.jsonl"))
+    fre = stage(cfg, "fre", str(warm), str(root / "data" / "text_train.jsonl"), root)
     train(fre)
     table["after FRE"] = evaluate(fre.train.export_dir)
-    mgt = stage(cfg, "mgt", fre.train.export_dir, str(CACHE / "data" / "image_train.jsonl"))
+    mgt = stage(cfg, "mgt", fre.train.export_dir, str(root / "data" / "image_train.jsonl"), root)
     train(mgt)
     table["after MGT"] = evaluate(mgt.train.export_dir)
     print_table(table)
-    plot([fre.train.log_dir, mgt.train.log_dir], CACHE / "demo.png")
-    (CACHE / "results.json").write_text(json.dumps(table, indent=2))
-    print(f"results: {CACHE / 'results.json'}, plot: {CACHE / 'demo.png'}, TensorBoard: {CACHE / 'runs'}")
+    plot([fre.train.log_dir, mgt.train.log_dir], root / "demo.png")
+    (root / "results.json").write_text(json.dumps(table, indent=2))
+    print(f"results: {root / 'results.json'}, plot: {root / 'demo.png'}, TensorBoard: {root / 'runs'}")
     return table
 
 

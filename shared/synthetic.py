@@ -31,9 +31,9 @@ def _solution(steps: str, answer: int) -> str:
     return f"<think>{steps}</think><answer>The answer is $\\boxed{{{answer}}}$</answer>"
 
 
-def text_task(rng: random.Random, max_operand: int = 49) -> tuple[str, int, str]:
+def text_task(rng: random.Random, max_operand: int = 49, ops: str = "+-*") -> tuple[str, int, str]:
     a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
-    op = rng.choice(["+", "-", "*"])
+    op = rng.choice(list(ops))
     if op == "*":
         a, b = rng.randint(2, min(12, max_operand)), rng.randint(2, 9)
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
@@ -74,7 +74,7 @@ def _row(system: str, question: str, answer: int, solution: str, task: str, imag
 
 def write_split(
     out_dir: Path, name: str, n: int, seed: int, kind: str, *, image_size: int = 56, system: str = SHORT_SYSTEM_PROMPT,
-    max_operand: int = 49,
+    max_operand: int = 49, ops: str = "+-*",
 ) -> Path:
     """Write `name.jsonl` (and its images under `images/name/`) with n rows of kind 'text' or 'image'."""
     rng = random.Random(seed)
@@ -84,7 +84,7 @@ def write_split(
     with path.open("w") as f:
         for i in range(n):
             if kind == "text":
-                f.write(json.dumps(_row(system, *text_task(rng, max_operand), task="arith")) + "\n")
+                f.write(json.dumps(_row(system, *text_task(rng, max_operand, ops), task="arith")) + "\n")
                 continue
             make, task = rng.choice([(count_task, "count"), (sum_task, "sum")])
             q, ans, sol, img = make(rng, image_size)
