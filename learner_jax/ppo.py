@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from shared.config import AlgoConfig
+from shared.config import AlgoConfig, ShardingConfig
 
 from .experience import Experience
 from .models.config import ModelOptions, Qwen25VLConfig
 from .models.qwen2_5_vl import forward, forward_logprobs
 from .rl.losses import actor_loss, critic_loss
+from .sharding import Strategy
 
 Params = Any
 
@@ -38,9 +39,10 @@ def partition(order: np.ndarray, size: int) -> list[np.ndarray]:
 
 class PPOLearner:
     def __init__(self, model_cfg: Qwen25VLConfig, opts: ModelOptions, algo: AlgoConfig, pad_token_id: int,
-                 logprob_chunk: int = 1024):  # fmt: skip
+                 logprob_chunk: int = 1024, strategy: Optional[Strategy] = None):  # fmt: skip
         self.cfg, self.opts, self.algo, self.pad = model_cfg, opts, algo, pad_token_id
         self.chunk = logprob_chunk
+        self.strategy = strategy or Strategy.from_config(ShardingConfig(), model_cfg)
 
         def logp_fn(params, batch):
             out = forward_logprobs(params, batch, model_cfg, opts, chunk=logprob_chunk)
@@ -69,8 +71,10 @@ class PPOLearner:
     # ----------------------------------------------------------------- passes without gradients
 
     def batches(self, exp: Experience, parts: list[np.ndarray]):
+        """Micro-batches split over the data-parallel devices (images and the vision plan are replicated)."""
         for idx in parts:
-            yield idx, exp.micro_batch(idx, self.cfg, self.pad)
+            batch = exp.micro_batch(idx, self.cfg, self.pad)
+            yield idx, self.strategy.place(batch, self.strategy.batch_sharding(batch))
 
     def logprobs(self, params: Params, exp: Experience, parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         logp = np.zeros(exp.action_mask_BL.shape, np.float32)
@@ -121,7 +125,11 @@ class PPOLearner:
         if self.algo.loss_agg != "global_token_mean":  # per-micro-batch means, averaged as data parallel does
             grads = jax.tree.map(lambda x: x / len(parts), grads)
         metrics = {k: v / len(parts) for k, v in sums.items()}
+        s = self.strategy
+        grads = s.place(grads, s.grad_shardings(grads))  # ZeRO-2/3: each device keeps only its gradient shard
         new_state, gnorm, finite = _apply(tx, state.params, state.opt_state, grads)
+        new_state = (s.place(new_state[0], s.param_shardings(new_state[0])),
+                     s.place(new_state[1], s.opt_shardings(new_state[1])))  # fmt: skip
         metrics["grad_norm"] = float(gnorm)
         if not bool(finite):
             metrics["skipped"] = 1.0

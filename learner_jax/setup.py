@@ -26,6 +26,7 @@ from .optim import make_optimizer
 from .placement import spawn, start_ray
 from .ppo import PPOLearner, TrainState, partition
 from .rl.kl import make_kl_controller
+from .sharding import Strategy
 
 
 def frozen_predicate(model_cfg, prefixes: list[str]):
@@ -73,6 +74,11 @@ class Run:
 
     # ------------------------------------------------------------- per-iteration helpers
 
+    @property
+    def micro_batch(self) -> int:
+        """Samples per micro-batch across the mesh: the config's size is per data-parallel rank."""
+        return self.cfg.train.micro_train_batch_size * self.learner.strategy.data_parallel_size
+
     def new_timer(self) -> PhaseTimer:
         return PhaseTimer()
 
@@ -110,12 +116,12 @@ class Run:
                 for idx in steps:
                     self.critic, m = self.learner.step(
                         self.critic, self.tx_critic, self.learner.critic_grad, exp,
-                        partition(idx, t.micro_train_batch_size),
+                        partition(idx, self.micro_batch),
                         {"old_values": values, "returns": returns, "mask": mask})  # fmt: skip
                     record({f"critic/{k}": v for k, v in m.items()})
             for idx in steps:
                 self.actor, m = self.learner.step(
-                    self.actor, self.tx_actor, self.learner.actor_grad, exp, partition(idx, t.micro_train_batch_size),
+                    self.actor, self.tx_actor, self.learner.actor_grad, exp, partition(idx, self.micro_batch),
                     {"old_logp": old_logp, "adv": adv, "mask": mask, "ref_logp": ref_logp,
                      "rollout_logp": exp.rollout_logp_BL}, extra=(np.float32(self.kl_ctl.value),))  # fmt: skip
                 record({f"actor/{k}": v for k, v in m.items()})
@@ -214,6 +220,12 @@ class Run:
             self.scorer.close()
 
 
+def place_opt_state(strategy, tx, params) -> Any:
+    """Optimizer state created directly in the strategy's layout (sharded for ZeRO, on host when offloaded)."""
+    shardings = strategy.opt_shardings(jax.eval_shape(tx.init, params))
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=int))
 
@@ -236,20 +248,27 @@ def build_run(cfg: Config, resume: bool = False) -> Run:
     if t.max_rollouts is not None:
         total_rollouts = min(total_rollouts, t.max_rollouts)
 
+    strategy = Strategy.from_config(cfg.sharding, model_cfg)
+    if t.train_batch_size % (t.micro_train_batch_size * strategy.data_parallel_size):
+        raise ValueError(f"train.train_batch_size {t.train_batch_size} does not divide into micro-batches of "
+                         f"{t.micro_train_batch_size} x {strategy.data_parallel_size} data-parallel ranks")  # fmt: skip
     frozen = frozen_predicate(model_cfg, cfg.model.freeze_prefixes)
+    params = strategy.place(params, strategy.param_shardings(params))
     tx_actor, lr_actor = make_optimizer(cfg.actor, total_steps, params, frozen)
-    actor = TrainState(params, tx_actor.init(params))
+    actor = TrainState(params, place_opt_state(strategy, tx_actor, params))
     critic, tx_critic = None, None
     if cfg.uses_critic:
         critic_params = load_checkpoint(cfg.model.critic_path)[1] if cfg.model.critic_path else params
         critic_params = {**critic_params, "value_head": init_value_head(jax.random.key(cfg.train.seed), model_cfg)}
+        critic_params = strategy.place(critic_params, strategy.param_shardings(critic_params))
         tx_critic, _ = make_optimizer(cfg.critic, total_steps, critic_params, frozen)
-        critic = TrainState(critic_params, tx_critic.init(critic_params))
+        critic = TrainState(critic_params, place_opt_state(strategy, tx_critic, critic_params))
 
     rollout = spawn("rollout_torch.service:RolloutService", cfg.to_dict(), num_cpus=0)
     pad = rollout.token_info()["pad_token_id"]
     run = Run(
-        cfg=cfg, model_cfg=model_cfg, learner=PPOLearner(model_cfg, opts, cfg.algo, pad), actor=actor,
+        cfg=cfg, model_cfg=model_cfg, learner=PPOLearner(model_cfg, opts, cfg.algo, pad, strategy=strategy),
+        actor=actor,
         critic=critic, ref_params=params if cfg.uses_reference else None, tx_actor=tx_actor, tx_critic=tx_critic,
         lr_actor=lr_actor, sampler=sampler, rollout=rollout, sync=WeightSync(ServiceTarget(rollout, r.backend), model_cfg, dtype=r.dtype),
         scorer=make_scorer(cfg.reward), kl_ctl=make_kl_controller(cfg.algo),

@@ -40,7 +40,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         exp = make_experience(groups, vision, np.array([s.total for s in scores]))
         # 3. old policy, reference and critic passes, on the partition the first update will use
         order = run.rng.permutation(exp.size)
-        parts = partition(order, t.micro_train_batch_size)
+        parts = partition(order, run.micro_batch)
         with timer("logprobs"):
             old_logp = run.old_logprobs(exp, parts)
             ref_logp = run.ref_logprobs(exp, parts)

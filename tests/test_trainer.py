@@ -9,6 +9,7 @@ import pytest
 from shared.config import load_config
 
 pytestmark = pytest.mark.slow
+RAY_DIR = "/tmp/lmmrl_ray_trainer_test"  # its own Ray session, apart from any demo running on the machine
 
 
 def tiny_run_config(tmp, ckpt, data, name, estimator="reinforce_baseline", **sets):
@@ -20,6 +21,7 @@ def tiny_run_config(tmp, ckpt, data, name, estimator="reinforce_baseline", **set
         "train.train_batch_size": 16, "train.micro_train_batch_size": 8, "train.max_rollouts": 2,
         "train.save_steps": 1, "train.ckpt_dir": str(tmp / name / "ckpt"), "train.log_dir": str(tmp / name / "logs"),
         "train.export_dir": None, "actor.lr": 1e-3, "actor.warmup_ratio": 0.0, "critic.lr": 1e-3,
+        "ray.temp_dir": RAY_DIR, "train.exact_old_logprobs": True,
     }
     overrides.update(sets)
     return load_config("demo", [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
@@ -37,7 +39,7 @@ def ray_session():
 
     from learner_jax.placement import start_ray
 
-    start_ray(load_config("demo").ray)
+    start_ray(load_config("demo", [f"ray.temp_dir={RAY_DIR}"]).ray)
     yield
     ray.shutdown()
 
