@@ -125,3 +125,17 @@ def rollout_ray():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def weights(tiny_ckpt):
+    """The tiny checkpoint's tensors by Hub name."""
+    from safetensors.numpy import load_file
+
+    return load_file(f"{tiny_ckpt}/model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def scaled(weights):
+    """The checkpoint with every language-model layer scaled: a visibly different policy."""
+    return {k: (v * 1.5 if k.startswith("model.layers.") else v) for k, v in weights.items()}

@@ -6,7 +6,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
 
 from rollout_torch.processing import load_processor, messages_to_prompt, vision_inputs
 from shared.records import Prompt, SamplingSpec
@@ -17,17 +16,6 @@ SEEDED = SamplingSpec(n=3, temperature=1.0, top_p=0.9, top_k=50, max_tokens=8, s
 
 def tokens(results):
     return [[s.response_ids for s in group] for group in results]
-
-
-@pytest.fixture(scope="module")
-def weights(tiny_ckpt):
-    return load_file(f"{tiny_ckpt}/model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def scaled(weights):
-    """The checkpoint with every language-model layer scaled: a visibly different policy."""
-    return {k: (v * 1.5 if k.startswith("model.layers.") else v) for k, v in weights.items()}
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from rollout_torch.pool import RolloutPool, shard_bounds
 from shared.records import SamplingSpec
@@ -41,16 +40,6 @@ def pool(rollout_ray, tiny_ckpt, rollout_engine_config):
 @pytest.fixture(scope="module")
 def prompts(rollout_prompts):
     return [p for _ in range(2) for p in rollout_prompts][:7]  # odd count: shards of 4 and 3
-
-
-@pytest.fixture(scope="module")
-def weights(tiny_ckpt):
-    return load_file(f"{tiny_ckpt}/model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def scaled(weights):
-    return {k: (v * 1.5 if k.startswith("model.layers.") else v) for k, v in weights.items()}
 
 
 @pytest.fixture(scope="module")
