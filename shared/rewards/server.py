@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from shared.rewards import RewardPool, get_reward_fn
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--error-reward", type=float, default=0.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    # Stop cleanly (closing the worker pool) on SIGTERM and on SIGINT, even when started with SIGINT ignored,
+    # as background jobs of a non-interactive shell are.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     fn = get_reward_fn(args.fn, format_reward=not args.disable_format_reward)
     with RewardPool(fn, args.num_workers, args.timeout_s, args.error_reward) as pool:
         server = RewardServer((args.host, args.port), pool)
