@@ -1,8 +1,6 @@
 """The Ray pool of vLLM engines: order, grouping, weight fan-out, and recovery from a killed engine actor."""
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -90,20 +88,30 @@ def test_weight_push_fans_out_and_restores_exactly(pool, rollout_ray, prompts, b
 def test_killed_engine_is_restarted_with_current_weights_and_its_prompts_rerun(pool, rollout_ray, prompts, scaled, weights):
     pool.update_weights(scaled.items(), version=3)
     long = SamplingSpec(temperature=0.0, max_tokens=256)
-    start = time.perf_counter()
     want = pool.generate(prompts, long)
-    duration = time.perf_counter() - start
     restarts = pool.stats[0].restarts
     victim = pool.actors[0]
 
-    def kill_mid_run():
-        time.sleep(0.3 * duration)  # well inside the batch, however loaded the machine is
-        rollout_ray.kill(victim)
+    class KilledOnceItsShardIsInFlight:
+        """Stands in for engine 0's handle: submits the shard, then kills the actor that is running it."""
 
-    killer = threading.Thread(target=kill_mid_run)
-    killer.start()
+        def __getattr__(self, name):
+            method = getattr(victim, name)
+            if name != "generate":
+                return method
+
+            class Remote:
+                @staticmethod
+                def remote(*args, **kwargs):
+                    ref = method.remote(*args, **kwargs)
+                    pool.actors[0] = victim  # the pool's own handle again, for its restart logic
+                    rollout_ray.kill(victim)
+                    return ref
+
+            return Remote
+
+    pool.actors[0] = KilledOnceItsShardIsInFlight()
     got = pool.generate(prompts, long)
-    killer.join()
     assert pool.stats[0].restarts == restarts + 1
     assert pool.actors[0] is not victim
     # Nothing lost, and the new engine answers with the pushed weights (a warm prefix cache may move float sums).
