@@ -89,17 +89,16 @@ class Run:
         return {"messages": row.messages, "label": row.label, "uid": it * self.cfg.rollout.rollout_batch_size + k}
 
     def old_logprobs(self, exp: Experience, parts) -> np.ndarray:
-        if self.cfg.train.exact_old_logprobs:
-            return self.learner.logprobs_exact(self.actor.params, exp, parts, with_ref=self.cfg.uses_reference)
-        return self.learner.logprobs(self.actor.params, exp, parts)[0]
+        return self._logprobs(self.actor.params, exp, parts)
 
     def ref_logprobs(self, exp: Experience, parts) -> Optional[np.ndarray]:
-        """The reference pass runs the same program as the old-policy pass, so their KL is 0 before any update."""
-        if not self.cfg.uses_reference:
-            return None
+        return self._logprobs(self.ref_params, exp, parts) if self.cfg.uses_reference else None
+
+    def _logprobs(self, params, exp: Experience, parts) -> np.ndarray:
+        """Old-policy and reference passes run one and the same program, so their KL is 0 before any update."""
         if self.cfg.train.exact_old_logprobs:
-            return self.learner.logprobs_exact(self.ref_params, exp, parts, with_ref=True)
-        return self.learner.logprobs(self.ref_params, exp, parts)[0]
+            return self.learner.logprobs_exact(params, exp, parts, with_ref=self.cfg.uses_reference)
+        return self.learner.logprobs(params, exp, parts)[0]
 
     def update(self, exp: Experience, order, old_logp, ref_logp, adv, values, returns) -> dict:
         t, mask = self.cfg.train, exp.action_mask_BL
