@@ -1,7 +1,8 @@
 """Synthetic reasoning tasks in the LMM-R1 row format, with images drawn on disk.
 
 Two families mirror the recipe's two stages: text-only arithmetic (FRE) and image questions (MGT: count the
-shapes, add the numbers drawn in the picture). Every row carries a worked `solution` in the
+shapes, add the numbers drawn in the picture, or count the shapes and add a number from the question, which needs
+the perception of the first and the arithmetic FRE trains). Every row carries a worked `solution` in the
 `<think>…</think><answer>…$\\boxed{…}$</answer>` form for warm-start SFT. Splits use disjoint seeds.
 
     python -m shared.synthetic --out data/synth --train 512 --test 128
@@ -40,7 +41,7 @@ def text_task(rng: random.Random, max_operand: int = 49, ops: str = "+-*") -> tu
     return f"What is {a} {op} {b}?", value, _solution(f"{a} {op} {b} = {value}", value)
 
 
-def count_task(rng: random.Random, size: int) -> tuple[str, int, str, Image.Image]:
+def _squares(rng: random.Random, size: int) -> tuple[str, int, Image.Image]:
     color = rng.choice(list(COLORS))
     k = rng.randint(1, 4)
     img = Image.new("RGB", (size, size), (255, 255, 255))
@@ -49,11 +50,23 @@ def count_task(rng: random.Random, size: int) -> tuple[str, int, str, Image.Imag
     for slot in rng.sample(range(4), k):  # one shape per quadrant, so shapes never overlap
         x0, y0 = (slot % 2) * cell + 4, (slot // 2) * cell + 4
         draw.rectangle([x0, y0, x0 + cell - 8, y0 + cell - 8], fill=COLORS[color])
+    return color, k, img
+
+
+def count_task(rng: random.Random, size: int, max_operand: int = 49) -> tuple[str, int, str, Image.Image]:
+    color, k, img = _squares(rng, size)
     q = f"How many {color} squares are in the image?"
     return q, k, _solution(f"I count {k} {color} squares.", k), img
 
 
-def sum_task(rng: random.Random, size: int) -> tuple[str, int, str, Image.Image]:
+def count_add_task(rng: random.Random, size: int, max_operand: int = 49) -> tuple[str, int, str, Image.Image]:
+    color, k, img = _squares(rng, size)
+    b = rng.randint(1, max_operand)
+    q = f"What is the number of {color} squares in the image plus {b}?"
+    return q, k + b, _solution(f"I count {k} {color} squares. {k} + {b} = {k + b}", k + b), img
+
+
+def sum_task(rng: random.Random, size: int, max_operand: int = 49) -> tuple[str, int, str, Image.Image]:
     a, b = rng.randint(1, 9), rng.randint(1, 9)
     img = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(img)
@@ -62,6 +75,9 @@ def sum_task(rng: random.Random, size: int) -> tuple[str, int, str, Image.Image]
     draw.text((size * 6 // 10, size // 3), str(b), fill=(0, 0, 0), font=font)
     q = "What is the sum of the two numbers in the image?"
     return q, a + b, _solution(f"The image shows {a} and {b}. {a} + {b} = {a + b}", a + b), img
+
+
+IMAGE_TASKS = {"count": count_task, "sum": sum_task, "count_add": count_add_task}
 
 
 def _row(system: str, question: str, answer: int, solution: str, task: str, image: str | None = None) -> dict:
@@ -74,9 +90,13 @@ def _row(system: str, question: str, answer: int, solution: str, task: str, imag
 
 def write_split(
     out_dir: Path, name: str, n: int, seed: int, kind: str, *, image_size: int = 56, system: str = SHORT_SYSTEM_PROMPT,
-    max_operand: int = 49, ops: str = "+-*",
+    max_operand: int = 49, ops: str = "+-*", image_tasks: tuple[str, ...] = ("count", "sum"),
 ) -> Path:
-    """Write `name.jsonl` (and its images under `images/name/`) with n rows of kind 'text' or 'image'."""
+    """Write `name.jsonl` (and its images under `images/name/`) with n rows of kind 'text' or 'image'
+    (`image_tasks`: names in IMAGE_TASKS, drawn uniformly)."""
+    unknown = sorted(set(image_tasks) - set(IMAGE_TASKS))
+    if unknown or not image_tasks:
+        raise ValueError(f"image_tasks {list(image_tasks)}: expected a non-empty list of {sorted(IMAGE_TASKS)}")
     rng = random.Random(seed)
     img_dir = out_dir / "images" / name
     path = out_dir / f"{name}.jsonl"
@@ -86,8 +106,8 @@ def write_split(
             if kind == "text":
                 f.write(json.dumps(_row(system, *text_task(rng, max_operand, ops), task="arith")) + "\n")
                 continue
-            make, task = rng.choice([(count_task, "count"), (sum_task, "sum")])
-            q, ans, sol, img = make(rng, image_size)
+            task = rng.choice(list(image_tasks))
+            q, ans, sol, img = IMAGE_TASKS[task](rng, image_size, max_operand)
             img_dir.mkdir(parents=True, exist_ok=True)
             rel = f"images/{name}/{i:05d}.png"
             img.save(out_dir / rel)
@@ -113,11 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=56)
     ap.add_argument("--max-operand", type=int, default=49, help="largest operand of the arithmetic tasks")
+    ap.add_argument("--image-tasks", nargs="+", choices=sorted(IMAGE_TASKS), default=["count", "sum"])
     ap.add_argument("--system", choices=["short", "lmmr1"], default="short")
     args = ap.parse_args(argv)
     system = SHORT_SYSTEM_PROMPT if args.system == "short" else LMMR1_SYSTEM_PROMPT
     for name, path in write_suite(args.out, args.train, args.test, args.seed, image_size=args.image_size,
-                                  system=system, max_operand=args.max_operand).items():  # fmt: skip
+                                  system=system, max_operand=args.max_operand,
+                                  image_tasks=tuple(args.image_tasks)).items():  # fmt: skip
         print(f"{name}: {path}")
 
 

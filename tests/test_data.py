@@ -48,3 +48,30 @@ def test_sampler_is_resumable_and_mixes_by_weight(synth_data):
     assert [(r.source, r.line) for r in b.take(40)] == [(r.source, r.line) for r in rest]
     frac_text = sum(r in text for r in first + rest) / 70
     assert 0.6 < frac_text < 0.9
+
+
+def test_count_add_rows_answer_the_drawn_count_plus_the_asked_number(tmp_path):
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from shared.synthetic import write_split
+
+    path = write_split(tmp_path, "img", 12, seed=3, kind="image", max_operand=9, image_tasks=("count_add",))
+    for row in load_rows(path):
+        question = row.messages[1]["content"][0]["text"]
+        b = int(re.search(r"plus (\d+)\?$", question).group(1))
+        pixels = np.asarray(Image.open(row.image_paths[0]).convert("RGB"))
+        half = pixels.shape[0] // 2
+        quadrants = [pixels[y:y + half, x:x + half] for y in (0, half) for x in (0, half)]
+        drawn = sum(bool((q != 255).any()) for q in quadrants)
+        assert 1 <= b <= 9 and int(row.label) == drawn + b
+        assert row.extra["solution"].endswith(f"$\\boxed{{{drawn + b}}}$</answer>")
+
+
+def test_unknown_image_task_is_named(tmp_path):
+    from shared.synthetic import write_split
+
+    with pytest.raises(ValueError, match="'spot'.*count_add"):
+        write_split(tmp_path, "img", 2, seed=0, kind="image", image_tasks=("spot",))
