@@ -1,7 +1,7 @@
 """The demo: LMM-R1's two stages at toy scale on 2 CPU cores.
 
 1. data and a small Qwen2.5-VL-architecture model (`shared.synthetic`, `shared.tiny_checkpoint`), cached;
-2. a supervised warm start on worked solutions, cached (RL needs a model that already half-knows the task);
+2. a supervised warm start on imperfect worked solutions, cached (RL needs a model that already half-knows the task);
 3. FRE: RL on text-only arithmetic; 4. MGT: RL on image tasks, starting from the FRE export;
 held-out accuracy and format rate before and after each stage, a table, a PNG plot and TensorBoard logs.
 """
@@ -27,10 +27,10 @@ CACHE = Path(".cache/demo")
 SPEC = TinySpec(seed=0, text_hidden=128, text_layers=4, text_heads=4, kv_heads=2, text_intermediate=384,
                 vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
                 fullatt_block_indexes=[1], min_pixels=3136, max_pixels=12544)  # fmt: skip
-# 160 steps leave both held-out sets near a third (measured: text 0.27, image 0.36); by 250 they pass 0.75 and RL
-# has little left to show. Image rows count squares and add a number, so MGT needs FRE's arithmetic.
-WARM = {"steps": 160, "batch_size": 16, "lr": 2e-3, "train": 1024, "test": 128, "max_operand": 9, "ops": "+",
-        "image_tasks": ["count_add"]}
+# Half the worked solutions box the wrong number (and miss a square of three or more): the warm start computes
+# right but boxes its result only about half the time, the regime where rule-based RL sharpens a model.
+WARM = {"steps": 350, "batch_size": 16, "lr": 2e-3, "train": 1024, "test": 128, "max_operand": 9, "ops": "+",
+        "image_tasks": ["count_add"], "slip": 0.5}
 
 
 def prepare(cfg: Config, root: Path = CACHE, warm: dict = WARM) -> Path:
@@ -41,7 +41,7 @@ def prepare(cfg: Config, root: Path = CACHE, warm: dict = WARM) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return warm_dir
     write_suite(root / "data", warm["train"], warm["test"], seed=0, max_operand=warm["max_operand"], ops=warm["ops"],
-                image_tasks=tuple(warm["image_tasks"]))  # fmt: skip
+                image_tasks=tuple(warm["image_tasks"]), slip=warm["slip"])  # fmt: skip
     base = write_checkpoint(root / "base", SPEC)
     from .sft import sft
 

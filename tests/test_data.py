@@ -53,21 +53,61 @@ def test_sampler_is_resumable_and_mixes_by_weight(synth_data):
 def test_count_add_rows_answer_the_drawn_count_plus_the_asked_number(tmp_path):
     import re
 
-    import numpy as np
-    from PIL import Image
-
     from shared.synthetic import write_split
 
     path = write_split(tmp_path, "img", 12, seed=3, kind="image", max_operand=9, image_tasks=("count_add",))
     for row in load_rows(path):
         question = row.messages[1]["content"][0]["text"]
         b = int(re.search(r"plus (\d+)\?$", question).group(1))
-        pixels = np.asarray(Image.open(row.image_paths[0]).convert("RGB"))
-        half = pixels.shape[0] // 2
-        quadrants = [pixels[y:y + half, x:x + half] for y in (0, half) for x in (0, half)]
-        drawn = sum(bool((q != 255).any()) for q in quadrants)
+        drawn = _drawn_squares(row.image_paths[0])
         assert 1 <= b <= 9 and int(row.label) == drawn + b
         assert row.extra["solution"].endswith(f"$\\boxed{{{drawn + b}}}$</answer>")
+
+
+def _drawn_squares(image_path) -> int:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(image_path).convert("RGB"))
+    half = pixels.shape[0] // 2
+    return sum(bool((pixels[y:y + half, x:x + half] != 255).any()) for y in (0, half) for x in (0, half))
+
+
+def test_slipped_solutions_box_the_first_number_and_miss_squares_but_labels_stay_right(tmp_path):
+    import re
+
+    from shared.synthetic import write_split
+
+    for row in load_rows(write_split(tmp_path, "t", 50, seed=5, kind="text", max_operand=9, ops="+", slip=1.0)):
+        a, b = map(int, re.search(r"What is (\d+) \+ (\d+)\?", row.messages[1]["content"][0]["text"]).groups())
+        assert int(row.label) == a + b
+        assert row.extra["solution"] == f"<think>{a} + {b} = {a + b}</think><answer>The answer is $\\boxed{{{a}}}$</answer>"
+    images = load_rows(write_split(tmp_path, "i", 60, seed=5, kind="image", max_operand=9,
+                                   image_tasks=("count_add",), slip=1.0))  # fmt: skip
+    counts = set()
+    for row in images:
+        k = _drawn_squares(row.image_paths[0])
+        b = int(re.search(r"plus (\d+)\?$", row.messages[1]["content"][0]["text"]).group(1))
+        seen = k - 1 if k >= 3 else k
+        counts.add(k)
+        assert int(row.label) == k + b
+        assert row.extra["solution"].startswith(f"<think>I count {seen} ")
+        assert row.extra["solution"].endswith(f"{seen} + {b} = {seen + b}</think><answer>The answer is $\\boxed{{{seen}}}$</answer>")
+    assert counts == {1, 2, 3, 4}
+
+
+def test_slip_is_the_chance_of_each_mistake_and_zero_changes_nothing(tmp_path):
+    from shared.synthetic import write_split
+
+    rows = load_rows(write_split(tmp_path, "t", 2000, seed=1, kind="text", max_operand=9, ops="+", slip=0.6))
+    wrong = [r for r in rows if not r.extra["solution"].endswith(f"{{{r.label}}}$</answer>")]
+    assert 0.55 < len(wrong) / len(rows) < 0.65
+    assert all(f"= {r.label}</think>" in r.extra["solution"] for r in rows)  # the working itself stays right
+    plain = write_split(tmp_path / "a", "s", 50, seed=2, kind="image", image_tasks=("count_add", "sum"))
+    zero = write_split(tmp_path / "b", "s", 50, seed=2, kind="image", image_tasks=("count_add", "sum"), slip=0.0)
+    assert plain.read_text() == zero.read_text()
+    with pytest.raises(ValueError, match="slip: expected a probability"):
+        write_split(tmp_path, "t", 1, seed=0, kind="text", slip=1.5)
 
 
 def test_unknown_image_task_is_named(tmp_path):
