@@ -27,8 +27,8 @@ CACHE = Path(".cache/demo")
 SPEC = TinySpec(seed=0, text_hidden=128, text_layers=4, text_heads=4, kv_heads=2, text_intermediate=384,
                 vision_hidden=64, vision_depth=2, vision_heads=2, vision_intermediate=128,
                 fullatt_block_indexes=[1], min_pixels=3136, max_pixels=12544)  # fmt: skip
-# Half the worked solutions box the wrong number (and miss a square of three or more): the warm start computes
-# right but boxes its result only about half the time, the regime where rule-based RL sharpens a model.
+# Half the worked solutions box the wrong number, and half the counts of three or more miss a square: the warm
+# start computes right but boxes its result only part of the time, the regime where rule-based RL sharpens a model.
 WARM = {"steps": 350, "batch_size": 16, "lr": 2e-3, "train": 1024, "test": 128, "max_operand": 9, "ops": "+",
         "image_tasks": ["count_add"], "slip": 0.5}
 

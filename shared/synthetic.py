@@ -36,7 +36,7 @@ def _solution(steps: str, answer: int) -> str:
 
 
 def _slips(rng: random.Random, slip: float, prone: bool = True) -> bool:
-    # No draw when slips are off, so slip=0 writes the same rows as before slips existed.
+    # Draws only when slip > 0: with slip=0 the random stream, and so every row, is the plain generator's.
     return slip > 0 and prone and rng.random() < slip
 
 
@@ -71,14 +71,18 @@ def _counted(rng: random.Random, k: int, slip: float) -> int:
     return k - 1 if _slips(rng, slip, prone=k >= 3) else k
 
 
-def count_task(rng: random.Random, size: int, max_operand: int = 49, slip: float = 0.0) -> tuple[str, int, str, Image.Image]:
+def count_task(
+    rng: random.Random, size: int, max_operand: int = 49, slip: float = 0.0
+) -> tuple[str, int, str, Image.Image]:
     color, k, img = _squares(rng, size)
     q = f"How many {color} squares are in the image?"
     seen = _counted(rng, k, slip)
     return q, k, _solution(f"I count {seen} {color} squares.", seen), img
 
 
-def count_add_task(rng: random.Random, size: int, max_operand: int = 49, slip: float = 0.0) -> tuple[str, int, str, Image.Image]:
+def count_add_task(
+    rng: random.Random, size: int, max_operand: int = 49, slip: float = 0.0
+) -> tuple[str, int, str, Image.Image]:
     color, k, img = _squares(rng, size)
     b = rng.randint(1, max_operand)
     q = f"What is the number of {color} squares in the image plus {b}?"
@@ -87,7 +91,9 @@ def count_add_task(rng: random.Random, size: int, max_operand: int = 49, slip: f
     return q, k + b, _solution(steps, _boxed(rng, seen + b, seen, slip)), img
 
 
-def sum_task(rng: random.Random, size: int, max_operand: int = 49, slip: float = 0.0) -> tuple[str, int, str, Image.Image]:
+def sum_task(
+    rng: random.Random, size: int, max_operand: int = 49, slip: float = 0.0
+) -> tuple[str, int, str, Image.Image]:
     a, b = rng.randint(1, 9), rng.randint(1, 9)
     img = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(img)

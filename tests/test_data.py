@@ -73,6 +73,9 @@ def _drawn_squares(image_path) -> int:
     return sum(bool((pixels[y:y + half, x:x + half] != 255).any()) for y in (0, half) for x in (0, half))
 
 
+BOXED = "<answer>The answer is $\\boxed{{{}}}$</answer>"
+
+
 def test_slipped_solutions_box_the_first_number_and_miss_squares_but_labels_stay_right(tmp_path):
     import re
 
@@ -81,7 +84,7 @@ def test_slipped_solutions_box_the_first_number_and_miss_squares_but_labels_stay
     for row in load_rows(write_split(tmp_path, "t", 50, seed=5, kind="text", max_operand=9, ops="+", slip=1.0)):
         a, b = map(int, re.search(r"What is (\d+) \+ (\d+)\?", row.messages[1]["content"][0]["text"]).groups())
         assert int(row.label) == a + b
-        assert row.extra["solution"] == f"<think>{a} + {b} = {a + b}</think><answer>The answer is $\\boxed{{{a}}}$</answer>"
+        assert row.extra["solution"] == f"<think>{a} + {b} = {a + b}</think>{BOXED.format(a)}"
     images = load_rows(write_split(tmp_path, "i", 60, seed=5, kind="image", max_operand=9,
                                    image_tasks=("count_add",), slip=1.0))  # fmt: skip
     counts = set()
@@ -92,7 +95,7 @@ def test_slipped_solutions_box_the_first_number_and_miss_squares_but_labels_stay
         counts.add(k)
         assert int(row.label) == k + b
         assert row.extra["solution"].startswith(f"<think>I count {seen} ")
-        assert row.extra["solution"].endswith(f"{seen} + {b} = {seen + b}</think><answer>The answer is $\\boxed{{{seen}}}$</answer>")
+        assert row.extra["solution"].endswith(f"{seen} + {b} = {seen + b}</think>{BOXED.format(seen)}")
     assert counts == {1, 2, 3, 4}
 
 
