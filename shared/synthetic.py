@@ -168,9 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slip", type=float, default=0.0, help="chance of each typical mistake in a worked solution")
     args = ap.parse_args(argv)
     system = SHORT_SYSTEM_PROMPT if args.system == "short" else LMMR1_SYSTEM_PROMPT
-    for name, path in write_suite(args.out, args.train, args.test, args.seed, image_size=args.image_size,
-                                  system=system, max_operand=args.max_operand,
-                                  image_tasks=tuple(args.image_tasks), slip=args.slip).items():  # fmt: skip
+    try:
+        paths = write_suite(args.out, args.train, args.test, args.seed, image_size=args.image_size, system=system,
+                            max_operand=args.max_operand, image_tasks=tuple(args.image_tasks),
+                            slip=args.slip)  # fmt: skip
+    except ValueError as e:  # bad arguments: a usage error naming the value, not a traceback
+        ap.error(str(e))
+    for name, path in paths.items():
         print(f"{name}: {path}")
 
 

@@ -113,6 +113,15 @@ def test_slip_is_the_chance_of_each_mistake_and_zero_changes_nothing(tmp_path):
         write_split(tmp_path, "t", 1, seed=0, kind="text", slip=1.5)
 
 
+def test_synthetic_cli_reports_a_bad_slip_as_a_usage_error(tmp_path, capsys):
+    from shared.synthetic import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "d"), "--train", "2", "--test", "1", "--slip", "1.5"])
+    assert exit_info.value.code == 2
+    assert "slip: expected a probability in [0, 1], got 1.5" in capsys.readouterr().err
+
+
 def test_unknown_image_task_is_named(tmp_path):
     from shared.synthetic import write_split
 
