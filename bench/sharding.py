@@ -58,7 +58,7 @@ def micro_batches(cfg, rng):
         mask = np.zeros((MICRO, SEQ - 1), np.float32)
         for b, toks in enumerate(ids):
             mask[b, SEQ - 1 - len(toks) // 2:] = 1.0
-        out.append((build_batch(ids, [None] * MICRO, cfg, pad_token_id=0, seq_len=SEQ), (mask,)))
+        out.append((build_batch(ids, [None] * MICRO, cfg, pad_token_id=0, seq_len=SEQ), mask))
     return out
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     cfg, params_np = load_checkpoint(ckpt)
     opts = ModelOptions(dtype="float32", remat=False, attention="softmax")
 
-    def loss_fn(params, batch, mask_BL):
+    def loss_fn(params, batch, mask_BL, scalars):
         logp_BL = forward_logprobs(params, batch, cfg, opts, chunk=256)["logprobs_BL"]
         return -(logp_BL * mask_BL).sum() / mask_BL.sum(), {}
 

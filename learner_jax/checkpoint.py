@@ -42,6 +42,13 @@ class Checkpointer:
         )
         return out["arrays"], out["meta"], step
 
+    def meta(self, step: Optional[int] = None) -> dict:
+        """The JSON metadata of a checkpoint (loop counters, data position, the resolved config) without its arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def close(self) -> None:
         self.manager.close()
 

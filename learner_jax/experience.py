@@ -2,7 +2,8 @@
 
 Every sequence is prompt ‖ response, left-padded to one length T for the whole rollout, so all micro-batches of
 the rollout share T (one compilation) and every response ends at position T-1. Per-token quantities live on the
-L = T-1 next-token positions: position t scores token t+1, and is an action when token t+1 is a response token.
+last L next-token positions (L >= the longest response, bucketed; at most T-1): window position l is sequence
+position T-1-L+l, which scores token T-L+l and is an action when that token is a response token.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .models.vision_plan import bucket
 class Experience:
     token_ids: list[list[int]]  # prompt + response per sample
     vision: list[VisionInputs]  # per sample (shared by the samples of one prompt)
-    action_mask_BL: np.ndarray  # float32
+    action_mask_BL: np.ndarray  # float32, on the response window of L positions
     rollout_logp_BL: np.ndarray  # engine logprobs at action positions, 0 elsewhere
     rewards_B: np.ndarray
     seq_len: int
@@ -43,7 +44,7 @@ def make_experience(groups: list[list[Sample]], vision: list[VisionInputs], rewa
     vis = [v for g, v in zip(groups, vision) for _ in g]
     token_ids = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
     T = bucket(max(len(t) for t in token_ids))
-    B, L = len(samples), T - 1
+    B, L = len(samples), min(bucket(max(max(len(s.response_ids) for s in samples), 1)), T - 1)
     mask = np.zeros((B, L), np.float32)
     rollout_logp = np.zeros((B, L), np.float32)
     for b, s in enumerate(samples):

@@ -1,5 +1,6 @@
-"""Everything a run holds besides the loop: placement, models and optimizers, data, reward workers, the update
-phase, weight pushes, logging, checkpoints. `trainer.train` drives it; tests can drive the parts.
+"""A run in two parts: `Run`, what is built once (compiled learner, engines, scorer, logger, checkpointer), and
+`LoopState`, what the loop changes (actor, critic, optimizer states, policy version, iteration, sampler, KL
+coefficient, RNG), which is exactly what a checkpoint holds. `trainer.train` drives both; tests drive the parts.
 """
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import yaml
 
 from shared.config import Config, derive
 from shared.data import PromptRow, PromptSampler, load_rows
@@ -17,6 +20,8 @@ from shared.rewards import make_scorer
 from .checkpoint import Checkpointer
 from .experience import Experience
 from .export import export_hf
+from .learner import (ActorInputs, ActorScalars, CriticInputs, CriticScalars, Learner, RolloutBatches, TrainState,
+                      group_permutation)  # fmt: skip
 from .metrics import MetricsLogger, PhaseTimer
 from .models.config import ModelOptions
 from .models.hf_io import load_checkpoint
@@ -24,9 +29,8 @@ from .models.hf_names import name_table
 from .models.qwen2_5_vl import init_value_head
 from .optim import make_optimizer
 from .placement import spawn, start_ray
-from .ppo import PPOLearner, TrainState, partition
 from .rl.kl import make_kl_controller
-from .sharding import Strategy
+from .sharding import Strategy, device_bytes
 
 
 def frozen_predicate(model_cfg, prefixes: list[str]):
@@ -49,28 +53,57 @@ def frozen_predicate(model_cfg, prefixes: list[str]):
 
 
 @dataclass
-class Run:
-    cfg: Config
-    model_cfg: Any
-    learner: PPOLearner
+class LoopState:
+    """What the loop changes, and exactly what a checkpoint saves and restores."""
+
     actor: TrainState
     critic: Optional[TrainState]
-    ref_params: Any
-    tx_actor: Any
-    tx_critic: Any
-    lr_actor: Any
     sampler: PromptSampler
+    kl_ctl: Any
+    rng: np.random.Generator
+    version: int = 0
+    iteration: int = 0
+    bad_steps: int = 0
+
+    def arrays(self) -> dict:
+        out = {"actor": {"params": self.actor.params, "opt": self.actor.opt_state}}
+        if self.critic is not None:
+            out["critic"] = {"params": self.critic.params, "opt": self.critic.opt_state}
+        return out
+
+    def meta(self) -> dict:
+        return {
+            "iteration": self.iteration, "version": self.version, "bad_steps": self.bad_steps,
+            "actor_step": self.actor.step, "critic_step": self.critic.step if self.critic else 0,
+            "sampler": self.sampler.state_dict(), "rng": _jsonable(self.rng.bit_generator.state),
+            "kl_coef": float(self.kl_ctl.value),
+        }  # fmt: skip
+
+    def load(self, arrays: dict, meta: dict) -> None:
+        self.actor = TrainState(arrays["actor"]["params"], arrays["actor"]["opt"], meta["actor_step"])
+        if self.critic is not None:
+            self.critic = TrainState(arrays["critic"]["params"], arrays["critic"]["opt"], meta["critic_step"])
+        self.sampler.load_state_dict(meta["sampler"])
+        self.rng.bit_generator.state = meta["rng"]
+        self.kl_ctl.value = meta["kl_coef"]
+        self.iteration, self.version, self.bad_steps = meta["iteration"], meta["version"], meta["bad_steps"]
+
+
+@dataclass
+class Run:
+    """What a run builds once: the compiled learner, the engines, the scorer, the logger, the checkpointer."""
+
+    cfg: Config
+    model_cfg: Any
+    learner: Learner
+    ref_params: Any
+    lr_actor: Any
     rollout: Any  # proxy of rollout_torch.service.RolloutService in a Ray actor
     sync: Any
     scorer: Any
-    kl_ctl: Any
     ckpt: Checkpointer
     logger: MetricsLogger
-    rng: np.random.Generator
     total_rollouts: int
-    iteration: int = 0
-    version: int = 0
-    bad_steps: int = 0
 
     # ------------------------------------------------------------- per-iteration helpers
 
@@ -78,6 +111,14 @@ class Run:
     def micro_batch(self) -> int:
         """Samples per micro-batch across the mesh: the config's size is per data-parallel rank."""
         return self.cfg.train.micro_train_batch_size * self.learner.strategy.data_parallel_size
+
+    @property
+    def needs_old_pass(self) -> bool:
+        """The first optimizer step uses its own log-probs as the old ones; a separate pass is needed only for
+        KL in the reward or for later steps of the same rollout."""
+        c = self.cfg
+        steps = c.train.max_epochs * c.rollout.rollout_batch_size * c.rollout.n_samples_per_prompt
+        return (c.uses_reference and not c.algo.use_kl_loss) or steps > c.train.train_batch_size
 
     def new_timer(self) -> PhaseTimer:
         return PhaseTimer()
@@ -88,71 +129,84 @@ class Run:
     def row_record(self, row: PromptRow, it: int, k: int) -> dict:
         return {"messages": row.messages, "label": row.label, "uid": it * self.cfg.rollout.rollout_batch_size + k}
 
-    def old_logprobs(self, exp: Experience, parts) -> np.ndarray:
-        return self._logprobs(self.actor.params, exp, parts)
+    def batches(self, exp: Experience) -> RolloutBatches:
+        return RolloutBatches(exp, self.micro_batch, self.model_cfg, self.learner.pad_token_id, self.learner.strategy)
 
-    def ref_logprobs(self, exp: Experience, parts) -> Optional[np.ndarray]:
-        return self._logprobs(self.ref_params, exp, parts) if self.cfg.uses_reference else None
+    def passes(self, state: LoopState, batches: RolloutBatches, perm: np.ndarray) -> dict:
+        """Old-policy, reference and critic passes on the partition the first update uses, [B, L] on device.
+        The old and reference passes run one program, so their KL is exactly 0 before any update."""
+        lr, mb, L = self.learner, batches.get(perm), batches.exp.action_mask_BL.shape[1]
+        out = {"old_logp_BL": None, "ref_logp_BL": None, "values_BL": None}
+        if self.needs_old_pass:
+            out["old_logp_BL"] = lr.gather(lr.logprobs(state.actor.params, mb, L), perm)
+        if self.cfg.uses_reference:
+            out["ref_logp_BL"] = lr.gather(lr.logprobs(self.ref_params, mb, L), perm)
+        if state.critic is not None:
+            out["values_BL"] = lr.gather(lr.values(state.critic.params, mb, L), perm)
+        return out
 
-    def _logprobs(self, params, exp: Experience, parts) -> np.ndarray:
-        """Old-policy and reference passes run one and the same program, so their KL is 0 before any update."""
-        if self.cfg.train.exact_old_logprobs:
-            return self.learner.logprobs_exact(params, exp, parts, with_ref=self.cfg.uses_reference)
-        return self.learner.logprobs(params, exp, parts)[0]
-
-    def update(self, exp: Experience, order, old_logp, ref_logp, adv, values, returns) -> dict:
-        t, mask = self.cfg.train, exp.action_mask_BL
+    def update(self, state: LoopState, batches: RolloutBatches, perm: np.ndarray, arrays: dict) -> dict:
+        """Critic then actor PPO epochs; each optimizer step takes `train.train_batch_size` samples in
+        micro-batches. `arrays` holds the rollout's per-sample arrays on the devices, in experience order."""
+        t, lr, mb = self.cfg.train, self.learner, self.micro_batch
+        exp = batches.exp
+        per_step = t.train_batch_size // mb
+        scale = 1.0 if self.cfg.algo.loss_agg == "global_token_mean" else None  # else: mean of micro-batches
         stats: dict[str, list[float]] = {}
-
-        def record(m: dict) -> None:
-            for k, v in m.items():
-                stats.setdefault(k, []).append(v)
-
+        actor_x = {k: arrays[k] for k in ("mask_BL", "adv_BL", "rollout_logp_BL", "old_logp_BL", "ref_logp_BL")}
+        first = True
         for epoch in range(t.max_epochs):
-            perm = order if epoch == 0 else self.rng.permutation(exp.size)
-            steps = [perm[i : i + t.train_batch_size] for i in range(0, exp.size, t.train_batch_size)]
-            if self.critic is not None:
-                for idx in steps:
-                    self.critic, m = self.learner.step(
-                        self.critic, self.tx_critic, self.learner.critic_grad, exp,
-                        partition(idx, self.micro_batch),
-                        {"old_values": values, "returns": returns, "mask": mask})  # fmt: skip
-                    record({f"critic/{k}": v for k, v in m.items()})
-            for idx in steps:
-                self.actor, m = self.learner.step(
-                    self.actor, self.tx_actor, self.learner.actor_grad, exp, partition(idx, self.micro_batch),
-                    {"old_logp": old_logp, "adv": adv, "mask": mask, "ref_logp": ref_logp,
-                     "rollout_logp": exp.rollout_logp_BL}, extra=(np.float32(self.kl_ctl.value),))  # fmt: skip
-                record({f"actor/{k}": v for k, v in m.items()})
-                self._check_finite(m)
+            order = perm if epoch == 0 else group_permutation(state.rng, exp.size, self.cfg.rollout.n_samples_per_prompt)
+            model_in = batches.get(order)
+            parts = batches.parts(order)
+            tokens = [float(exp.action_mask_BL[idx].sum()) for idx in parts]
+            if state.critic is not None:
+                xs = lr.split({"mask_BL": arrays["mask_BL"], "old_values_BL": arrays["values_BL"],
+                               "returns_BL": arrays["returns_BL"]}, order, mb)  # fmt: skip
+                for k in range(0, len(parts), per_step):
+                    n_tok = jnp.float32(max(sum(tokens[k:k + per_step]), 1.0))
+                    micro = [(model_in[j], CriticInputs(**xs[j])) for j in range(k, k + per_step)]
+                    c = state.critic
+                    params, opt, m = lr.critic_step(c.params, c.opt_state, micro, CriticScalars(n_tok),
+                                                    grad_scale=scale or 1.0 / per_step)  # fmt: skip
+                    state.critic = TrainState(params, opt, c.step + (not m["skipped"]))
+                    _record(stats, "critic/", m)
+            xs = lr.split(actor_x, order, mb)
+            for k in range(0, len(parts), per_step):
+                n_tok = jnp.float32(max(sum(tokens[k:k + per_step]), 1.0))
+                scalars = ActorScalars(n_tok, jnp.float32(state.kl_ctl.value), jnp.bool_(first))
+                micro = [(model_in[j], ActorInputs(**xs[j])) for j in range(k, k + per_step)]
+                a = state.actor
+                params, opt, m = lr.actor_step(a.params, a.opt_state, micro, scalars, grad_scale=scale or 1.0 / per_step)
+                state.actor = TrainState(params, opt, a.step + (not m["skipped"]))
+                first = False
+                _record(stats, "actor/", m)
+                self._check_finite(state, m)
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
-    def _check_finite(self, m: dict) -> None:
+    def _check_finite(self, state: LoopState, m: dict) -> None:
         if m.get("skipped"):
-            self.bad_steps += 1
-            if self.bad_steps >= self.cfg.train.max_bad_steps:
+            state.bad_steps += 1
+            if state.bad_steps >= self.cfg.train.max_bad_steps:
                 raise FloatingPointError(
-                    f"{self.bad_steps} consecutive optimizer steps had non-finite gradients; stopping with the last "
+                    f"{state.bad_steps} consecutive optimizer steps had non-finite gradients; stopping with the last "
                     f"good checkpoint in {self.ckpt.directory} intact"
                 )
         else:
-            self.bad_steps = 0
+            state.bad_steps = 0
 
-    def push_weights(self, it: int) -> dict:
+    def push_weights(self, state: LoopState, it: int) -> dict:
         """Push the policy as the next version; every `train.verify_every` rollouts (and on the first) check the
         checksums of what the engines hold. A mismatch raises with the names of the tensors that differ."""
-        self.version += 1
-        report = self.sync.push(self.actor.params, self.version)
+        state.version += 1
+        report = self.sync.push(state.actor.params, state.version)
         out = {"sync/bytes": float(report.bytes), "sync/seconds": float(report.seconds)}
         every = self.cfg.train.verify_every
         if every and (it % every == 0):
-            out["sync/verified_tensors"] = float(self.sync.verify(self.actor.params)["tensors"])
+            out["sync/verified_tensors"] = float(self.sync.verify(state.actor.params)["tensors"])
         return out
 
-    def log(self, it, timer, exp, scores, stats, kl_mean, old_logp) -> dict:
-        mask = exp.action_mask_BL
-        n_tok = max(mask.sum(), 1.0)
-        gen_tokens = float(exp.response_lengths.sum())
+    def log(self, state: LoopState, it, timer, exp, scores, stats, kl_mean) -> dict:
         m = {
             "reward/mean": float(np.mean([s.total for s in scores])),
             "reward/format": float(np.mean([s.format for s in scores])),
@@ -161,57 +215,48 @@ class Run:
             "response/length": float(exp.response_lengths.mean()),
             "response/truncated": float(exp.finish_length_B.mean()),
             "kl/mean": kl_mean,
-            "kl/coef": float(self.kl_ctl.value),
-            "engine_gap/abs_logp_diff": float((np.abs(exp.rollout_logp_BL - old_logp) * mask).sum() / n_tok),
-            "lr/actor": float(self.lr_actor(self.actor.step)),
-            "policy_version": float(self.version),
-            "skipped_steps": float(self.bad_steps),
+            "kl/coef": float(state.kl_ctl.value),
+            "engine_gap/abs_logp_diff": stats.pop("actor/engine_gap", 0.0),
+            "lr/actor": float(self.lr_actor(state.actor.step)),
+            "policy_version": float(state.version),
+            "skipped_steps": float(state.bad_steps),
+            **{f"memory/{k}_bytes_per_device": float(v) for k, v in self.memory(state).items()},
             **stats,
             **timer.metrics(),
         }
         if "generate" in timer.seconds:
-            m["throughput/generate_tokens_per_s"] = gen_tokens / max(timer.seconds["generate"], 1e-9)
+            m["throughput/generate_tokens_per_s"] = float(exp.response_lengths.sum()) / max(timer.seconds["generate"], 1e-9)
         if "update" in timer.seconds:
             m["throughput/update_tokens_per_s"] = float(sum(map(len, exp.token_ids))) / max(timer.seconds["update"], 1e-9)
         self.logger.log(it, m)
         return m
 
+    def memory(self, state: LoopState) -> dict[str, int]:
+        """Per-device bytes of the actor's parameters, gradient accumulator and optimizer state, measured on the
+        arrays the loop holds (the memory planner's figures are checked against these)."""
+        return {"params": sum(device_bytes(state.actor.params).values()),
+                "grads": sum(self.learner.actor_step.grad_bytes.values()),
+                "opt_state": sum(device_bytes(state.actor.opt_state).values())}  # fmt: skip
+
     # ------------------------------------------------------------- checkpoints
 
-    def state_arrays(self) -> dict:
-        arrays = {"actor": {"params": self.actor.params, "opt": self.actor.opt_state}}
-        if self.critic is not None:
-            arrays["critic"] = {"params": self.critic.params, "opt": self.critic.opt_state}
-        return arrays
+    def save(self, state: LoopState) -> None:
+        self.ckpt.save(state.iteration, state.arrays(), {**state.meta(), "config": self.cfg.to_dict()})
 
-    def save(self, iteration: int) -> None:
-        meta = {
-            "iteration": iteration, "version": self.version, "actor_step": self.actor.step,
-            "critic_step": self.critic.step if self.critic else 0, "sampler": self.sampler.state_dict(),
-            "rng": _jsonable(self.rng.bit_generator.state), "kl_coef": float(self.kl_ctl.value),
-        }  # fmt: skip
-        self.ckpt.save(iteration, self.state_arrays(), meta)
-
-    def restore(self) -> None:
-        arrays, meta, _ = self.ckpt.restore(self.state_arrays())
-        self.actor = TrainState(arrays["actor"]["params"], arrays["actor"]["opt"], meta["actor_step"])
-        if self.critic is not None:
-            self.critic = TrainState(arrays["critic"]["params"], arrays["critic"]["opt"], meta["critic_step"])
-        self.sampler.load_state_dict(meta["sampler"])
-        self.rng.bit_generator.state = meta["rng"]
-        self.kl_ctl.value = meta["kl_coef"]
-        self.iteration, self.version = meta["iteration"], meta["version"]
-        self.sync.push(self.actor.params, self.version)  # engines start from the checkpoint, not model.path
-        self.sync.verify(self.actor.params)
+    def restore(self, state: LoopState) -> None:
+        arrays, meta, _ = self.ckpt.restore(state.arrays())
+        state.load(arrays, meta)
+        self.sync.push(state.actor.params, state.version)  # engines start from the checkpoint, not model.path
+        self.sync.verify(state.actor.params)
 
     def evaluate(self, iteration: int) -> None:
         from .evaluate import evaluate_files
 
         evaluate_files(self.cfg, self.rollout, self.cfg.data.eval_files, step=iteration, logger=self.logger)
 
-    def finish(self) -> None:
+    def finish(self, state: LoopState) -> None:
         if self.cfg.train.export_dir:
-            export_hf(self.actor.params, self.model_cfg, self.cfg.model.path, self.cfg.train.export_dir)
+            export_hf(state.actor.params, self.model_cfg, self.cfg.model.path, self.cfg.train.export_dir)
         self.logger.close()
         self.ckpt.close()
         self.rollout.close()
@@ -219,17 +264,20 @@ class Run:
             self.scorer.close()
 
 
-def place_opt_state(strategy, tx, params) -> Any:
-    """Optimizer state created directly in the strategy's layout (sharded for ZeRO, on host when offloaded)."""
-    shardings = strategy.opt_shardings(jax.eval_shape(tx.init, params))
-    return jax.jit(tx.init, out_shardings=shardings)(params)
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _record(stats: dict[str, list[float]], prefix: str, m: dict) -> None:
+    for k, v in m.items():
+        stats.setdefault(prefix + k, []).append(v)
 
 
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=int))
 
 
-def build_run(cfg: Config, resume: bool = False) -> Run:
+def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
     from bridge.sync import WeightSync
     from bridge.targets import ServiceTarget
 
@@ -254,34 +302,39 @@ def build_run(cfg: Config, resume: bool = False) -> Run:
     frozen = frozen_predicate(model_cfg, cfg.model.freeze_prefixes)
     params = strategy.place(params, strategy.param_shardings(params))
     tx_actor, lr_actor = make_optimizer(cfg.actor, total_steps, params, frozen)
-    actor = TrainState(params, place_opt_state(strategy, tx_actor, params))
-    critic, tx_critic = None, None
+    critic_params, tx_critic = None, None
     if cfg.uses_critic:
-        critic_params = load_checkpoint(cfg.model.critic_path)[1] if cfg.model.critic_path else params
+        # A copy: the steps donate their parameters, so actor, critic and reference never share a buffer.
+        critic_params = load_checkpoint(cfg.model.critic_path)[1] if cfg.model.critic_path else _copy(params)
         critic_params = {**critic_params, "value_head": init_value_head(jax.random.key(cfg.train.seed), model_cfg)}
         critic_params = strategy.place(critic_params, strategy.param_shardings(critic_params))
         tx_critic, _ = make_optimizer(cfg.critic, total_steps, critic_params, frozen)
-        critic = TrainState(critic_params, place_opt_state(strategy, tx_critic, critic_params))
 
     rollout = spawn("rollout_torch.service:RolloutService", cfg.to_dict(), num_cpus=0)
     pad = rollout.token_info()["pad_token_id"]
+    learner = Learner.build(model_cfg, opts, cfg.algo, strategy, pad, r.n_samples_per_prompt, tx_actor, params,
+                            tx_critic, critic_params)  # fmt: skip
+    actor = TrainState(params, learner.actor_step.init_opt_state(params))
+    critic = None
+    if critic_params is not None:
+        critic = TrainState(critic_params, learner.critic_step.init_opt_state(critic_params))
     run = Run(
-        cfg=cfg, model_cfg=model_cfg, learner=PPOLearner(model_cfg, opts, cfg.algo, pad, strategy=strategy),
-        actor=actor,
-        critic=critic, ref_params=params if cfg.uses_reference else None, tx_actor=tx_actor, tx_critic=tx_critic,
-        lr_actor=lr_actor, sampler=sampler, rollout=rollout, sync=WeightSync(ServiceTarget(rollout, r.backend), model_cfg, dtype=r.dtype),
-        scorer=make_scorer(cfg.reward), kl_ctl=make_kl_controller(cfg.algo),
-        ckpt=Checkpointer(t.ckpt_dir, t.max_ckpts),
-        logger=MetricsLogger(t.log_dir, t.wandb_project, cfg.name, cfg.to_dict()),
-        rng=np.random.default_rng(t.seed), total_rollouts=total_rollouts,
+        cfg=cfg, model_cfg=model_cfg, learner=learner, ref_params=_copy(params) if cfg.uses_reference else None,
+        lr_actor=lr_actor, rollout=rollout,
+        sync=WeightSync(ServiceTarget(rollout, r.backend), model_cfg, dtype=r.dtype),
+        scorer=make_scorer(cfg.reward), ckpt=Checkpointer(t.ckpt_dir, t.max_ckpts),
+        logger=MetricsLogger(t.log_dir, t.wandb_project, cfg.name, cfg.to_dict()), total_rollouts=total_rollouts,
     )  # fmt: skip
+    (run.logger.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # as resolved
+    state = LoopState(actor=actor, critic=critic, sampler=sampler, kl_ctl=make_kl_controller(cfg.algo),
+                      rng=np.random.default_rng(t.seed))  # fmt: skip
     if resume:
         if run.ckpt.latest_step() is None:
             raise FileNotFoundError(f"--load_checkpoint: no checkpoint in {run.ckpt.directory}")
-        run.restore()
+        run.restore(state)
     elif run.ckpt.latest_step() is not None:
         raise FileExistsError(
             f"{run.ckpt.directory} holds checkpoints of an earlier run; resume with --load_checkpoint or choose "
             f"another train.ckpt_dir"
         )
-    return run
+    return run, state

@@ -44,7 +44,7 @@ def sft(params: Any, model_cfg: Qwen25VLConfig, rollout: Any, rows: list[PromptR
     opt_state = tx.init(params)
 
     def loss_fn(p, batch, mask):
-        logp = forward_logprobs(p, batch, model_cfg, opts)["logprobs_BL"]
+        logp = forward_logprobs(p, batch, model_cfg, opts, window=mask.shape[1])["logprobs_BL"]
         return -jnp.sum(logp * mask) / jnp.maximum(mask.sum(), 1.0)
 
     @jax.jit

@@ -21,7 +21,7 @@ device and back; a backend without that memory kind keeps it on the device (with
     params = strategy.place(numpy_params, strategy.param_shardings(params))
     step = TrainStep(strategy, loss_fn, tx, params)                  # jitted accumulate + apply
     opt_state = step.init_opt_state(params)
-    params, opt_state, metrics = step(params, opt_state, [(batch, args), ...])
+    params, opt_state, metrics = step(params, opt_state, [(batch, inputs), ...], scalars)
 """
 from __future__ import annotations
 
@@ -391,10 +391,12 @@ def shard_bytes(leaf: Any, sharding: NamedSharding) -> int:
 class TrainStep:
     """Micro-batch gradient accumulation and one optimizer step, jitted with the strategy's shardings.
 
-    `loss_fn(params, batch, *args) -> (loss, metrics)`. Each micro-batch's gradient is added into an
-    accumulator laid out by `grad_shardings` (donated, so it is updated in place): for zero2/zero3 this makes
-    the cross-device reduction a reduce-scatter. The step applies `tx` to the (scaled) sum; a non-finite
-    gradient norm keeps the old params and optimizer state (selected on device, so donation stays safe).
+    `loss_fn(params, batch, inputs, scalars) -> (loss, metrics)`: `batch` the model inputs, `inputs` a record
+    (NamedTuple) of per-sample arrays split like the batch, `scalars` a record shared by every micro-batch. Each
+    micro-batch's gradient is added into an accumulator laid out by `grad_shardings` (donated, so it is updated in
+    place): for zero2/zero3 this makes the cross-device reduction a reduce-scatter. The step applies `tx` to the
+    (scaled) sum; a non-finite gradient norm keeps the old params and optimizer state (selected on device, so
+    donation stays safe). Metrics are summed on device and read once per step.
     """
 
     def __init__(self, strategy: Strategy, loss_fn: Callable, tx: optax.GradientTransformation, abstract_params: Any):
@@ -402,6 +404,7 @@ class TrainStep:
             raise ValueError("TrainStep needs a strategy on real devices (Strategy.from_config)")
         self.strategy, self.tx, self.loss_fn = strategy, tx, loss_fn
         self._metric_shapes: Optional[dict] = None
+        self.grad_bytes: dict[str, int] = {}  # per-device bytes of the accumulator, measured on the first step
         abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         self.param_shardings = strategy.param_shardings(abstract_params)
@@ -410,8 +413,8 @@ class TrainStep:
         opt_on_device = strategy.opt_shardings(abstract_opt, on_host=False)
         rep = strategy.replicated
 
-        def accumulate(params, acc, sums, batch, *args):
-            (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, *args)
+        def accumulate(params, acc, sums, batch, inputs, scalars):
+            (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, inputs, scalars)
             sums = jax.tree.map(jnp.add, sums, {"loss": loss, **metrics})
             return jax.tree.map(jnp.add, acc, g), sums
 
@@ -437,31 +440,43 @@ class TrainStep:
     def init_opt_state(self, params: Any) -> Any:
         return self._init(params)
 
-    def place_micro_batch(self, batch: dict[str, Any], args: tuple = ()) -> tuple[dict[str, jax.Array], tuple]:
-        """The batch split on its B dims; extra arguments split when per-sample, else replicated (None kept)."""
+    def place_micro_batch(self, batch: dict[str, Any], inputs: Any = ()) -> tuple[dict[str, jax.Array], Any]:
+        """The batch split on its B dims; per-sample inputs split likewise, anything else replicated. Arrays
+        already in place are left as they are."""
         s = self.strategy
         B = int(np.shape(batch["input_ids_BT"])[0])
         placed = s.place(batch, s.batch_sharding(batch))
-        return placed, tuple(None if a is None else s.place(a, s.sample_sharding(a, B)) for a in args)
+        return placed, jax.tree.map(lambda a: s.place(a, s.sample_sharding(a, B)), inputs)
 
-    def __call__(self, params: Any, opt_state: Any, micro_batches: Iterable[tuple[dict[str, Any], tuple]],
-                 grad_scale: float = 1.0) -> tuple[Any, Any, dict[str, float]]:  # fmt: skip
-        """One optimizer step over `micro_batches` of (batch, extra loss args). Returns new params, optimizer
-        state and metrics: the per-micro-batch mean of the loss and its metrics, grad_norm, skipped."""
+    def __call__(self, params: Any, opt_state: Any, micro_batches: Iterable[tuple[dict[str, Any], Any]],
+                 scalars: Any = (), grad_scale: float = 1.0) -> tuple[Any, Any, dict[str, float]]:  # fmt: skip
+        """One optimizer step over `micro_batches` of (batch, inputs). Returns new params, optimizer state and
+        metrics: losses (keys ending in "loss") combined as the gradients are (summed, times `grad_scale`), so they
+        do not depend on how the step is cut into micro-batches; other metrics averaged; grad_norm, skipped."""
         acc, sums, n = self._zeros(), None, 0
-        for batch, args in micro_batches:
-            batch, args = self.place_micro_batch(batch, tuple(args))
+        scalars = jax.device_put(scalars, self.strategy.replicated)
+        if not self.grad_bytes:
+            self.grad_bytes = device_bytes(acc)
+        for batch, inputs in micro_batches:
+            batch, inputs = self.place_micro_batch(batch, inputs)
             if self._metric_shapes is None:  # metric names are known once the loss is traced
-                loss, metrics = jax.eval_shape(self.loss_fn, params, batch, *args)
+                loss, metrics = jax.eval_shape(self.loss_fn, params, batch, inputs, scalars)
                 self._metric_shapes = {"loss": loss, **metrics}
             if sums is None:
                 sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self._metric_shapes)
-            acc, sums = self._accumulate(params, acc, sums, batch, *args)
+            acc, sums = self._accumulate(params, acc, sums, batch, inputs, scalars)
             n += 1
         if n == 0:
             raise ValueError("TrainStep needs at least one micro-batch")
         params, opt_state, gnorm, finite = self._apply(params, opt_state, acc, jnp.float32(grad_scale))
-        metrics = {k: float(v) / n for k, v in sums.items()}
+        sums, gnorm, finite = jax.device_get((sums, gnorm, finite))  # the step's one read from the devices
+        metrics = {k: float(v) * (grad_scale if k.endswith("loss") else 1.0 / n) for k, v in sums.items()}
         metrics["grad_norm"] = float(gnorm)
         metrics["skipped"] = 0.0 if bool(finite) else 1.0
         return params, opt_state, metrics
+
+
+def device_bytes(tree: Any) -> dict[str, int]:
+    """Bytes each leaf of a placed tree takes on one device (its largest addressable shard), by path."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p): max(s.data.nbytes for s in x.addressable_shards) for p, x in flat}

@@ -1,11 +1,10 @@
 """The RL loop: placement, rollout, reward, logprobs, advantages, update, sync, log, checkpoint.
 
-`train(cfg)` reads top to bottom as one iteration does. The pieces live beside it: `setup.py` builds the run
-(models, optimizers, data, engines), `ppo.py` the compiled passes and steps, `experience.py` the batch layout.
+`train(cfg)` reads top to bottom as one iteration does. The pieces live beside it: `setup.py` builds the run once
+and holds the loop's state, `learner.py` the compiled passes and steps, `experience.py` the batch layout.
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from tqdm import trange
 
@@ -13,22 +12,20 @@ from shared.config import Config
 from shared.records import SamplingSpec
 
 from .experience import make_experience
-from .ppo import partition
-from .rl.advantages import compute_advantages
-from .rl.kl import approx_kl
-from .setup import Run, build_run
+from .learner import group_permutation
+from .setup import build_run
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
-    run: Run = build_run(cfg, resume=resume)  # Ray, engines, learner state, data, reward workers, logger
+    run, state = build_run(cfg, resume=resume)  # once: Ray, engines, compiled learner, scorer, logger; state: the rest
     r, t = cfg.rollout, cfg.train
     n = r.n_samples_per_prompt
-    bar = trange(run.iteration, run.total_rollouts, desc=cfg.name, initial=run.iteration, total=run.total_rollouts)
+    bar = trange(state.iteration, run.total_rollouts, desc=cfg.name, initial=state.iteration, total=run.total_rollouts)
     last: dict = {}
     for it in bar:
         timer = run.new_timer()
-        # 1. rollout: n samples per prompt from the engines, which hold policy version `run.version`
-        rows = run.sampler.take(r.rollout_batch_size)
+        # 1. rollout: n samples per prompt from the engines, which hold policy version `state.version`
+        rows = state.sampler.take(r.rollout_batch_size)
         with timer("generate"):
             prompts = run.rollout.prompts([run.row_record(row, it, k) for k, row in enumerate(rows)])
             sampling = SamplingSpec(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -38,34 +35,30 @@ def train(cfg: Config, resume: bool = False) -> dict:
         with timer("reward"):
             scores = run.scorer.score([s.text for g in groups for s in g], [p.label for p in prompts for _ in range(n)])
         exp = make_experience(groups, vision, np.array([s.total for s in scores]))
-        # 3. old policy, reference and critic passes, on the partition the first update will use
-        order = run.rng.permutation(exp.size)
-        parts = partition(order, run.micro_batch)
+        # 3. old policy, reference and critic passes on the first update's partition (groups shuffled, kept whole)
+        perm = group_permutation(state.rng, exp.size, n)
+        batches = run.batches(exp)  # each micro-batch built and placed once, reused by every pass
         with timer("logprobs"):
-            old_logp = run.old_logprobs(exp, parts)
-            ref_logp = run.ref_logprobs(exp, parts)
-            values = run.learner.value_pass(run.critic.params, exp, parts) if cfg.uses_critic else None
-        mask = exp.action_mask_BL
-        kl = approx_kl(old_logp, ref_logp, mask, cfg.algo.kl_estimator) if ref_logp is not None else np.zeros_like(mask)
-        # 4. advantages
-        adv, returns = compute_advantages(cfg.algo, jnp.asarray(exp.rewards_B), jnp.asarray(kl), jnp.asarray(mask),
-                                          None if values is None else jnp.asarray(values), n_samples=n,
-                                          kl_coef=run.kl_ctl.value)  # fmt: skip
-        adv, returns = np.asarray(adv), np.asarray(returns)
+            arrays = {**run.learner.per_sample(exp), **run.passes(state, batches, perm)}
+            # 4. KL and advantages, one compiled function
+            kl, arrays["adv_BL"], arrays["returns_BL"], kl_mean = run.learner.kl_and_advantages(
+                arrays["rewards_B"], arrays["mask_BL"], arrays["old_logp_BL"], arrays["ref_logp_BL"],
+                arrays["values_BL"], state.kl_ctl.value)  # fmt: skip
         # 5. update: critic then actor, PPO epochs over train batches of micro-batches
         with timer("update"):
-            stats = run.update(exp, order, old_logp, ref_logp, adv, values, returns)
+            stats = run.update(state, batches, perm, arrays)
         # 6. sync: push the new policy into the engines, verified
         with timer("sync"):
-            sync = run.push_weights(it)
+            sync = run.push_weights(state, it)
         # 7. log and checkpoint
-        kl_mean = float((kl * mask).sum() / max(mask.sum(), 1))
-        run.kl_ctl.update(kl_mean, exp.size)
-        last = run.log(it, timer, exp, scores, {**stats, **sync}, kl_mean, old_logp)
+        kl_mean = float(kl_mean)
+        state.kl_ctl.update(kl_mean, exp.size)
+        state.iteration = it + 1
+        last = run.log(state, it, timer, exp, scores, {**stats, **sync}, kl_mean)
         bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['reward/accuracy']:.2f}")
         if (it + 1) % t.save_steps == 0 or it + 1 == run.total_rollouts:
-            run.save(it + 1)
+            run.save(state)
         if t.eval_steps and (it + 1) % t.eval_steps == 0:
             run.evaluate(it + 1)
-    run.finish()
+    run.finish(state)
     return last

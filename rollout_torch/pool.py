@@ -90,9 +90,11 @@ class RolloutPool:
     def __init__(self, cfg, *, num_cpus_per_engine: float = 1.0, max_restarts: int = 3, **engine_overrides):
         import torch
 
-        gpus = float(cfg.rollout.tensor_parallel_size) if torch.cuda.is_available() else 0.0
-        self._start(cfg.rollout.backend, EngineConfig.from_config(cfg, **engine_overrides), cfg.rollout.num_engines,
-                    num_cpus_per_engine, gpus, max_restarts)  # fmt: skip
+        r = cfg.rollout
+        gpus = float(r.tensor_parallel_size) if torch.cuda.is_available() else 0.0
+        threads = None if gpus else r.cpu_threads_per_engine or max(1, (os.cpu_count() or 1) // r.num_engines)
+        self._start(r.backend, EngineConfig.from_config(cfg, **engine_overrides), r.num_engines, num_cpus_per_engine,
+                    gpus, max_restarts, threads)  # fmt: skip
 
     @classmethod
     def from_engine_config(
@@ -104,7 +106,7 @@ class RolloutPool:
         return pool
 
     def _start(self, backend: str, cfg: EngineConfig, num_engines: int, num_cpus: float, num_gpus: float,
-               max_restarts: int) -> None:  # fmt: skip
+               max_restarts: int, threads: Optional[int] = None) -> None:  # fmt: skip
         if not ray.is_initialized():
             raise RuntimeError("RolloutPool needs a running Ray (call ray.init first)")
         if num_engines < 1:
@@ -112,6 +114,8 @@ class RolloutPool:
         self.backend, self.cfg = backend, cfg
         self.max_restarts = max_restarts
         env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         self._actor_cls = ray.remote(EngineActor).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, runtime_env={"env_vars": env} if env else None,
         )  # fmt: skip

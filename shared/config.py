@@ -71,6 +71,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     enable_prefix_caching: bool = True
     enable_sleep: bool = False
+    # CPU engines: compute threads of each (None: the machine's cores shared among the engines, since the learner
+    # idles while they generate). Ray would otherwise pin an actor holding one CPU to one thread.
+    cpu_threads_per_engine: Optional[int] = None
 
 
 @dataclass
@@ -129,7 +132,6 @@ class TrainConfig:
     wandb_project: Optional[str] = None
     seed: int = 42
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
-    exact_old_logprobs: bool = True  # old/ref logprobs from the update's own program: step 0 exactly on-policy
     verify_every: int = 10  # rollouts between checksum checks of the engines' weights (and the first); 0 = off
     max_rollouts: Optional[int] = None  # stop early (smoke runs)
 

@@ -220,3 +220,45 @@ def test_forward_under_jit_needs_the_host_plan(tiny_ckpt):
     no_plan = {k: v for k, v in batch.items() if not k.startswith("vision_")}
     with pytest.raises(ValueError, match="lacks the vision plan"):
         jax.eval_shape(lambda p, b: forward(p, b, cfg), params, no_plan)
+
+
+def test_samples_of_one_prompt_share_one_image_encoding(tiny_ckpt):
+    """A prompt's samples pass one VisionInputs object: the tower encodes its image once for the group. Logits
+    stay those of transformers (which encodes per sample), and the vision tower's gradient equals the
+    per-sample computation's."""
+    model, proc, cfg, params = _reference(tiny_ckpt)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (84, 140, 3), dtype=np.uint8))
+    content = [{"type": "image"}, {"type": "text", "text": "How many squares?"}]
+    chat = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    texts = [chat + r + "<|im_end|>" for r in ("<think> 2 </think>", "<answer> 3 </answer>", "<think> a b c </think>")]
+    inputs = proc(text=texts, images=[image] * 3, padding=True, return_tensors="pt")
+    ids, mask = inputs["input_ids"].numpy(), inputs["attention_mask"].numpy().astype(bool)
+    tokens = [ids[b][mask[b]].tolist() for b in range(3)]
+    one = VisionInputs(inputs["pixel_values"].numpy()[: len(inputs["pixel_values"]) // 3], inputs["image_grid_thw"][:1].numpy())
+    shared = build_batch(tokens, [one] * 3, cfg, pad_token_id=proc.tokenizer.pad_token_id)
+    copies = build_batch(tokens, [VisionInputs(one.pixel_values.copy(), one.image_grid_thw) for _ in range(3)], cfg,
+                         pad_token_id=proc.tokenizer.pad_token_id)  # fmt: skip
+    assert int(shared["image_grid_thw_N3"].shape[0]) == 1 and int(copies["image_grid_thw_N3"].shape[0]) == 3
+
+    with torch.no_grad():
+        ref = _hf_forward(model, inputs).numpy()
+    T = ref.shape[1]
+    logits = np.asarray(_outputs(params, shared, cfg, ModelOptions())[0])[:, -T:]
+    assert np.abs(logits - ref)[mask].max() <= 1e-4 * np.abs(ref[mask]).max()
+
+    (loss_s, _), g_s = _loss_and_grads(params, shared, cfg, ModelOptions(), 6)
+    (loss_c, _), g_c = _loss_and_grads(params, copies, cfg, ModelOptions(), 6)
+    np.testing.assert_allclose(float(loss_s), float(loss_c), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_c["visual"]), jax.tree.leaves(g_s["visual"])):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(b - a).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_the_response_window_scores_the_last_positions_exactly(tiny_ckpt):
+    """`window=W` runs the LM head on the last W positions only; they equal the full pass's last W."""
+    _, _, cfg, params, batch = _grad_case(tiny_ckpt)
+    full = jax.jit(lambda p: forward_logprobs(p, batch, cfg, chunk=16))(params)
+    win = jax.jit(lambda p: forward_logprobs(p, batch, cfg, chunk=16, window=12))(params)
+    assert win["logprobs_BL"].shape == (batch["input_ids_BT"].shape[0], 12)
+    np.testing.assert_allclose(np.asarray(win["logprobs_BL"]), np.asarray(full["logprobs_BL"])[:, -12:], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(win["entropy_BL"]), np.asarray(full["entropy_BL"])[:, -12:], rtol=1e-6)

@@ -187,13 +187,14 @@ def test_planner_resolves_the_architecture_or_says_how():
     assert memory.model_config(cfg, "qwen2.5-vl-7b").text.hidden_size == 3584
 
 
-def test_train_step_keeps_the_old_state_when_the_gradient_is_not_finite(tiny_ckpt):
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_train_step_keeps_the_old_state_when_the_gradient_is_not_finite(tiny_ckpt, bad):
     from learner_jax.models.hf_io import load_checkpoint
 
     cfg, params_np = load_checkpoint(tiny_ckpt)
     strategy = Strategy.from_config(ShardingConfig("replicated"), cfg, jax.devices()[:1])
 
-    def loss_fn(params, batch, scale_B):  # a cheap loss on every parameter; no model forward needed here
+    def loss_fn(params, batch, scale_B, scalars):  # a cheap loss on every parameter; no model forward needed here
         sq = sum(jnp.sum(x * x) for x in jax.tree.leaves(params))
         return sq * scale_B.mean() * batch["input_ids_BT"].mean(), {}
 
@@ -202,10 +203,10 @@ def test_train_step_keeps_the_old_state_when_the_gradient_is_not_finite(tiny_ckp
     params = strategy.place(params_np, step.param_shardings)
     opt = step.init_opt_state(params)
     batch = {"input_ids_BT": np.ones((2, 4), np.int32)}
-    params, opt, m = step(params, opt, [(batch, (np.full(2, np.nan, np.float32),))])
+    params, opt, m = step(params, opt, [(batch, np.full(2, bad, np.float32))])
     assert m["skipped"] == 1.0 and not np.isfinite(m["grad_norm"])
     assert all(np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_np)))
-    params, opt, m = step(params, opt, [(batch, (np.ones(2, np.float32),))] * 2, grad_scale=0.5)
+    params, opt, m = step(params, opt, [(batch, np.ones(2, np.float32))] * 2, grad_scale=0.5)
     assert m["skipped"] == 0.0 and np.isfinite(m["loss"])
     moved = [not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_np))]
     assert all(moved)

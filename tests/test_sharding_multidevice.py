@@ -96,7 +96,7 @@ def test_checkpoints_restore_under_every_other_strategy_and_training_resumes(tin
 
 
 def _loss_fn(cfg, opts, forward_logprobs):
-    def loss_fn(params, batch, mask_BL):
+    def loss_fn(params, batch, mask_BL, scalars=()):
         logp_BL = forward_logprobs(params, batch, cfg, opts, chunk=64)["logprobs_BL"]
         loss = -(logp_BL * mask_BL).sum() / mask_BL.sum()
         return loss, {"tokens": mask_BL.sum()}
@@ -128,7 +128,7 @@ def _micro_batches(cfg, n_steps: int, images: bool = True, n_micro: int = 2, siz
         mask = np.zeros((size, T - 1), np.float32)
         for b, toks in enumerate(ids):
             mask[b, T - 1 - len(toks) // 2:] = 1.0  # the second half of each sequence plays the response
-        out.append((batch, (mask,)))
+        out.append((batch, mask))
     return [out] * n_steps
 
 
@@ -143,7 +143,7 @@ def _single_device(cfg, params, loss_fn, steps):
     import jax
     import jax.numpy as jnp
 
-    from learner_jax.ppo import _apply
+    import optax
 
     dev = jax.devices()[0]
     tx = _optimizer(params)
@@ -153,11 +153,12 @@ def _single_device(cfg, params, loss_fn, steps):
     losses = []
     for micro in steps:
         acc, total = None, 0.0
-        for batch, args in micro:
-            (loss, _), g = grad(params, jax.device_put(batch, dev), *jax.device_put(args, dev))
+        for batch, mask in micro:
+            (loss, _), g = grad(params, jax.device_put(batch, dev), jax.device_put(mask, dev))
             acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
             total += float(loss)
-        (params, opt), _, _ = _apply(tx, params, opt, jax.tree.map(lambda x: x / len(micro), acc))
+        updates, opt = tx.update(jax.tree.map(lambda x: x / len(micro), acc), opt, params)
+        params = optax.apply_updates(params, updates)
         losses.append(total / len(micro))
     return losses, params
 

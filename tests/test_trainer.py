@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 
 from shared.config import load_config
 
@@ -21,7 +22,7 @@ def tiny_run_config(tmp, ckpt, data, name, estimator="reinforce_baseline", **set
         "train.train_batch_size": 16, "train.micro_train_batch_size": 8, "train.max_rollouts": 2,
         "train.save_steps": 1, "train.ckpt_dir": str(tmp / name / "ckpt"), "train.log_dir": str(tmp / name / "logs"),
         "train.export_dir": None, "actor.lr": 1e-3, "actor.warmup_ratio": 0.0, "critic.lr": 1e-3,
-        "ray.temp_dir": RAY_DIR, "train.exact_old_logprobs": True,
+        "ray.temp_dir": RAY_DIR,
     }
     overrides.update(sets)
     return load_config("demo", [f"{k}={'null' if v is None else v}" for k, v in overrides.items()])
@@ -62,6 +63,7 @@ def test_loop_runs_and_step_zero_is_on_policy(ray_session, tiny_ckpt, synth_data
 
 
 def test_resume_equals_an_uninterrupted_run(ray_session, tiny_ckpt, synth_data, tmp_path):
+    from learner_jax.checkpoint import Checkpointer
     from learner_jax.trainer import train
 
     full = tiny_run_config(tmp_path, tiny_ckpt, synth_data, "full", **{"train.max_rollouts": 4})
@@ -72,6 +74,11 @@ def test_resume_equals_an_uninterrupted_run(ray_session, tiny_ckpt, synth_data, 
     train(part_more, resume=True)
     a, b = metrics(full), metrics(part_more)
     assert [r["step"] for r in b] == [0, 1, 2, 3]
+    # the resolved config (after the overrides) is kept beside the metrics and inside every checkpoint
+    assert yaml.safe_load(open(f"{part_more.train.log_dir}/config.yaml"))["train"]["max_rollouts"] == 4
+    ck = Checkpointer(part_more.train.ckpt_dir)
+    assert ck.meta(2)["config"]["train"]["max_rollouts"] == 2 and ck.meta()["config"]["train"]["max_rollouts"] == 4
+    ck.close()
     for ra, rb in zip(a, b):
         for key in ("reward/mean", "actor/policy_loss", "kl/mean", "response/length", "actor/grad_norm"):
             np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-7, err_msg=f"step {ra['step']} {key}")

@@ -21,8 +21,9 @@ from .vision_plan import bucket, make_plan
 def build_batch(token_ids: Sequence[Sequence[int]], vision: Sequence[Optional[VisionInputs]], cfg: Qwen25VLConfig,
                 *, pad_token_id: int, seq_len: Optional[int] = None,
                 num_patches: Optional[int] = None) -> dict[str, np.ndarray]:  # fmt: skip
-    """Arrays for `forward`: input_ids_BT, attention_mask_BT, position_ids_3BT, pixel_values_PC,
-    image_grid_thw_N3 and the `vision_*` plan. `vision[b]` holds sample b's images (None or empty: text only)."""
+    """Arrays for `forward`: input_ids_BT, attention_mask_BT, position_ids_3BT, image_feature_idx_BT,
+    pixel_values_PC and image_grid_thw_N3 of the distinct images, and the `vision_*` plan. `vision[b]` holds
+    sample b's images (None or empty: text only); samples passing the same object share its encoding."""
     if len(token_ids) != len(vision):
         raise ValueError(f"{len(token_ids)} token lists but {len(vision)} vision inputs (expected one per sample)")
     lengths = [len(t) for t in token_ids]
@@ -39,29 +40,44 @@ def build_batch(token_ids: Sequence[Sequence[int]], vision: Sequence[Optional[Vi
 
     vcfg = cfg.vision
     merged = vcfg.merge_unit
-    pixels, grids = [], []
+    # Samples of one prompt share one VisionInputs object: the tower encodes it once and every such sample's
+    # image tokens read the same features (`image_feature_idx_BT`), so 16 samples do not cost 16 encodings.
+    unique: dict[int, int] = {}
+    pixels, unique_grids, sample_grids = [], [], []
+    feat_idx_BT = np.zeros((B, T), np.int32)
+    offsets = [0]
     for b, v in enumerate(vision):
         v = v if v is not None else VisionInputs.empty(vcfg.patch_dim)
         grid = np.asarray(v.image_grid_thw, np.int64).reshape(-1, 3)
+        patches = int(np.prod(grid, axis=1).sum())
         n_tokens = int((np.asarray(token_ids[b]) == cfg.image_token_id).sum()) if lengths[b] else 0
-        if n_tokens != int(np.prod(grid, axis=1).sum()) // merged:
+        if n_tokens != patches // merged:
             raise ValueError(f"sample {b}: {n_tokens} image tokens, but its grids {grid.tolist()} give "
-                             f"{int(np.prod(grid, axis=1).sum()) // merged}")  # fmt: skip
-        if v.pixel_values.shape != (int(np.prod(grid, axis=1).sum()), vcfg.patch_dim):
-            raise ValueError(f"sample {b}: pixel_values {v.pixel_values.shape}, expected "
-                             f"({int(np.prod(grid, axis=1).sum())}, {vcfg.patch_dim})")  # fmt: skip
-        pixels.append(np.asarray(v.pixel_values, np.float32))
-        grids.append(grid)
-    grid_N3 = np.concatenate(grids)
+                             f"{patches // merged}")  # fmt: skip
+        if v.pixel_values.shape != (patches, vcfg.patch_dim):
+            raise ValueError(f"sample {b}: pixel_values {v.pixel_values.shape}, expected ({patches}, {vcfg.patch_dim})")
+        sample_grids.append(grid)
+        if not patches:
+            continue
+        if id(v) not in unique:
+            unique[id(v)] = offsets[-1]
+            pixels.append(np.asarray(v.pixel_values, np.float32))
+            unique_grids.append(grid)
+            offsets.append(offsets[-1] + patches // merged)
+        is_img = ids_BT[b] == cfg.image_token_id
+        feat_idx_BT[b, is_img] = unique[id(v)] + np.arange(n_tokens)
+    grid_N3 = np.concatenate(unique_grids) if unique_grids else np.zeros((0, 3), np.int64)
     real = sum(len(p) for p in pixels)
     P = num_patches if num_patches is not None else -(-bucket(real) // merged) * merged
     pixels_PC = np.zeros((P, vcfg.patch_dim), np.float32)
     pixels_PC[:real] = np.concatenate(pixels) if real else pixels_PC[:0]
+    rope_grids = np.concatenate(sample_grids)  # M-RoPE positions follow each sample's own images
 
     return {
         "input_ids_BT": ids_BT,
         "attention_mask_BT": mask_BT,
-        "position_ids_3BT": get_rope_index(ids_BT, grid_N3, mask_BT, cfg).astype(np.int32),
+        "position_ids_3BT": get_rope_index(ids_BT, rope_grids, mask_BT, cfg).astype(np.int32),
+        "image_feature_idx_BT": feat_idx_BT,
         "pixel_values_PC": pixels_PC,
         "image_grid_thw_N3": grid_N3.astype(np.int32),
         **make_plan(grid_N3, vcfg, P),

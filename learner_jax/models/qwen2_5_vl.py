@@ -53,8 +53,10 @@ def embed_inputs(params: Params, batch: dict[str, Any], cfg: Qwen25VLConfig, opt
         return x_BTD
     feats_MD = vision_tower(params["visual"], batch["pixel_values_PC"], _plan(batch, cfg), cfg.vision, opts)
     is_img_BT = ids_BT == cfg.image_token_id
-    rank_BT = (jnp.cumsum(is_img_BT.reshape(-1)) - 1).reshape(ids_BT.shape)  # k-th image token takes feature k
-    return jnp.where(is_img_BT[..., None], feats_MD[jnp.clip(rank_BT, 0)].astype(x_BTD.dtype), x_BTD)
+    src_BT = batch.get("image_feature_idx_BT")
+    if src_BT is None:  # every sample its own images: the k-th image token of the batch takes feature k
+        src_BT = jnp.clip((jnp.cumsum(is_img_BT.reshape(-1)) - 1).reshape(ids_BT.shape), 0)
+    return jnp.where(is_img_BT[..., None], feats_MD[src_BT].astype(x_BTD.dtype), x_BTD)
 
 
 def forward(params: Params, batch: dict[str, Any], cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(), *,
@@ -81,10 +83,14 @@ def forward(params: Params, batch: dict[str, Any], cfg: Qwen25VLConfig, opts: Mo
 
 
 def forward_logprobs(params: Params, batch: dict[str, Any], cfg: Qwen25VLConfig, opts: ModelOptions = ModelOptions(),
-                     *, chunk: int = 1024, temperature: float = 1.0) -> dict[str, jnp.ndarray]:  # fmt: skip
-    """Next-token log-probabilities and entropies [B, L = T - 1]: position t scores input_ids[t + 1] given the
-    prefix up to t (OpenRLHF's `logits[:, :-1]` against `sequences[:, 1:]`). Plus `values_BT` for a critic."""
+                     *, chunk: int = 1024, temperature: float = 1.0, window: int | None = None) -> dict[str, jnp.ndarray]:  # fmt: skip
+    """Next-token log-probabilities and entropies [B, L]: position t scores input_ids[t + 1] given the prefix up to
+    t (OpenRLHF's `logits[:, :-1]` against `sequences[:, 1:]`). L = T - 1, or the last `window` positions only:
+    responses end at T - 1, so the LM head need not run over prompt positions. Plus `values_BT` for a critic."""
     out = forward(params, batch, cfg, opts, return_hidden=True)
     head_DV = lm_head_DV(params, cfg).astype(out["hidden_BTD"].dtype)
-    logp, ent = token_logprobs(out.pop("hidden_BTD")[:, :-1], head_DV, batch["input_ids_BT"][:, 1:], chunk, temperature)
+    T = batch["input_ids_BT"].shape[1]
+    start = T - 1 - (T - 1 if window is None else window)
+    logp, ent = token_logprobs(out.pop("hidden_BTD")[:, start:-1], head_DV, batch["input_ids_BT"][:, start + 1:], chunk,
+                               temperature)  # fmt: skip
     return {"logprobs_BL": logp, "entropy_BL": ent, **out}
