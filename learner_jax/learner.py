@@ -12,7 +12,7 @@ later optimizer steps of the same rollout).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
@@ -95,32 +95,21 @@ def group_permutation(rng: np.random.Generator, num_samples: int, n: int) -> np.
     return (rng.permutation(num_samples // n)[:, None] * n + np.arange(n)).reshape(-1)
 
 
-@dataclass
 class Learner:
     """Compiled passes and steps of one run (built once); the arrays they act on live in the loop's state."""
 
-    model_cfg: Qwen25VLConfig
-    opts: ModelOptions
-    algo: AlgoConfig
-    strategy: Strategy
-    pad_token_id: int
-    actor_step: TrainStep = field(init=False)
-    critic_step: Optional[TrainStep] = field(init=False, default=None)
-
-    @classmethod
-    def build(cls, model_cfg, opts, algo, strategy, pad_token_id, n_samples: int, tx_actor, actor_params,
-              tx_critic=None, critic_params=None, logprob_chunk: int = 1024) -> "Learner":  # fmt: skip
-        self = cls(model_cfg, opts, algo, strategy, pad_token_id)
-        self.chunk = logprob_chunk
+    def __init__(self, model_cfg: Qwen25VLConfig, opts: ModelOptions, algo: AlgoConfig, strategy: Strategy,
+                 pad_token_id: int, n_samples: int, tx_actor, actor_params, tx_critic=None, critic_params=None,
+                 logprob_chunk: int = 1024):  # fmt: skip
+        self.model_cfg, self.opts, self.algo, self.strategy = model_cfg, opts, algo, strategy
+        self.pad_token_id, self.chunk = pad_token_id, logprob_chunk
         self.actor_step = TrainStep(strategy, self._actor_loss, tx_actor, actor_params)
-        if tx_critic is not None:
-            self.critic_step = TrainStep(strategy, self._critic_loss, tx_critic, critic_params)
+        self.critic_step = TrainStep(strategy, self._critic_loss, tx_critic, critic_params) if tx_critic else None
         self._logp = jax.jit(lambda p, b, window: self._logp_entropy(p, b, window)[0], static_argnums=2)
         self._values = jax.jit(self._values_fn, static_argnums=2)
         self._split = jax.jit(_split_parts, static_argnums=2)
         self._unsplit = jax.jit(_unsplit_parts)
         self._advantages = jax.jit(partial(_kl_and_advantages, algo, n_samples))
-        return self
 
     # ------------------------------------------------------------------ the programs
 

@@ -312,8 +312,8 @@ def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
 
     rollout = spawn("rollout_torch.service:RolloutService", cfg.to_dict(), num_cpus=0)
     pad = rollout.token_info()["pad_token_id"]
-    learner = Learner.build(model_cfg, opts, cfg.algo, strategy, pad, r.n_samples_per_prompt, tx_actor, params,
-                            tx_critic, critic_params)  # fmt: skip
+    learner = Learner(model_cfg, opts, cfg.algo, strategy, pad, r.n_samples_per_prompt, tx_actor, params,
+                      tx_critic, critic_params)  # fmt: skip
     actor = TrainState(params, learner.actor_step.init_opt_state(params))
     critic = None
     if critic_params is not None:

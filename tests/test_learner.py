@@ -48,8 +48,8 @@ def _run(ckpt, **sets):
     strategy = Strategy.from_config(ShardingConfig("replicated"), model_cfg, jax.devices()[:1])
     params = strategy.place(params, strategy.param_shardings(params))
     tx, lr = make_optimizer(cfg.actor, 10, params)
-    learner = Learner.build(model_cfg, ModelOptions(attention="softmax"), cfg.algo, strategy, 0, N, tx, params,
-                            logprob_chunk=64)  # fmt: skip
+    learner = Learner(model_cfg, ModelOptions(attention="softmax"), cfg.algo, strategy, 0, N, tx, params,
+                      logprob_chunk=64)  # fmt: skip
     run = Run(cfg=cfg, model_cfg=model_cfg, learner=learner, ref_params=jax.tree.map(jnp.copy, params), lr_actor=lr,
               rollout=None, sync=None, scorer=None, ckpt=None, logger=None, total_rollouts=1)  # fmt: skip
     state = LoopState(actor=TrainState(params, learner.actor_step.init_opt_state(params)), critic=None, sampler=None,
