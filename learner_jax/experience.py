@@ -39,12 +39,15 @@ class Experience:
                            pad_token_id=pad_token_id, seq_len=self.seq_len)  # fmt: skip
 
 
-def make_experience(groups: list[list[Sample]], vision: list[VisionInputs], rewards_B: np.ndarray) -> Experience:
+def make_experience(groups: list[list[Sample]], vision: list[VisionInputs], rewards_B: np.ndarray,
+                    max_response: int = 0) -> Experience:  # fmt: skip
+    """`max_response` (the generation limit) fixes the window, so it does not change, and recompile the learner's
+    programs, with each rollout's longest response."""
     samples = [s for g in groups for s in g]
     vis = [v for g, v in zip(groups, vision) for _ in g]
     token_ids = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
     T = bucket(max(len(t) for t in token_ids))
-    B, L = len(samples), min(bucket(max(max(len(s.response_ids) for s in samples), 1)), T - 1)
+    B, L = len(samples), min(bucket(max(max_response, *(len(s.response_ids) for s in samples), 1)), T - 1)
     mask = np.zeros((B, L), np.float32)
     rollout_logp = np.zeros((B, L), np.float32)
     for b, s in enumerate(samples):

@@ -462,8 +462,9 @@ class TrainStep:
             if self._metric_shapes is None:  # metric names are known once the loss is traced
                 loss, metrics = jax.eval_shape(self.loss_fn, params, batch, inputs, scalars)
                 self._metric_shapes = {"loss": loss, **metrics}
-            if sums is None:
-                sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self._metric_shapes)
+            if sums is None:  # placed like the step's own output, so the first call compiles the same program
+                sums = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), self._metric_shapes),
+                                      self.strategy.replicated)  # fmt: skip
             acc, sums = self._accumulate(params, acc, sums, batch, inputs, scalars)
             n += 1
         if n == 0:

@@ -5,6 +5,7 @@ and holds the loop's state, `learner.py` the compiled passes and steps, `experie
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 from tqdm import trange
 
@@ -34,7 +35,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         # 2. reward: rules on the decoded responses
         with timer("reward"):
             scores = run.scorer.score([s.text for g in groups for s in g], [p.label for p in prompts for _ in range(n)])
-        exp = make_experience(groups, vision, np.array([s.total for s in scores]))
+        exp = make_experience(groups, vision, np.array([s.total for s in scores]), r.generate_max_len)
         # 3. old policy, reference and critic passes on the first update's partition (groups shuffled, kept whole)
         perm = group_permutation(state.rng, exp.size, n)
         batches = run.batches(exp)  # each micro-batch built and placed once, reused by every pass
@@ -44,6 +45,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             kl, arrays["adv_BL"], arrays["returns_BL"], kl_mean = run.learner.kl_and_advantages(
                 arrays["rewards_B"], arrays["mask_BL"], arrays["old_logp_BL"], arrays["ref_logp_BL"],
                 arrays["values_BL"], state.kl_ctl.value)  # fmt: skip
+            jax.block_until_ready(arrays)  # the passes run asynchronously: charge their time to this phase
         # 5. update: critic then actor, PPO epochs over train batches of micro-batches
         with timer("update"):
             stats = run.update(state, batches, perm, arrays)

@@ -27,3 +27,10 @@ def test_the_window_is_bucketed_and_never_longer_than_the_sequence():
     assert exp.action_mask_BL.sum(1).tolist() == [9, 5] and exp.action_mask_BL[:, -1].tolist() == [1, 1]
     short = make_experience([[sample([1], [2, 3, 4, 5, 6, 7, 8], [-0.1] * 7)]], [VisionInputs.empty()], np.ones(1))
     assert short.seq_len == 8 and short.action_mask_BL.shape == (1, 7)  # bucket(7) = 7 = T - 1
+
+
+def test_the_generation_limit_fixes_the_window_across_rollouts():
+    short = make_experience([[sample(list(range(30)), [2, 3], [-0.1] * 2)]], [VisionInputs.empty()], np.ones(1), 12)
+    longer = make_experience([[sample(list(range(30)), list(range(9)), [-0.1] * 9)]], [VisionInputs.empty()],
+                             np.ones(1), 12)  # fmt: skip
+    assert short.action_mask_BL.shape[1] == longer.action_mask_BL.shape[1] == 12
