@@ -32,6 +32,12 @@ class EngineActor:
     def ready(self) -> int:
         return os.getpid()
 
+    def threads(self) -> int:
+        """Compute threads torch uses in this engine's process."""
+        import torch
+
+        return torch.get_num_threads()
+
     def generate(self, prompts: list[Prompt], sampling: SamplingSpec) -> list[list[Sample]]:
         return self.engine.generate(prompts, sampling)
 
@@ -99,10 +105,10 @@ class RolloutPool:
     @classmethod
     def from_engine_config(
         cls, backend: str, cfg: EngineConfig, num_engines: int = 1, num_cpus_per_engine: float = 1.0,
-        num_gpus_per_engine: float = 0.0, max_restarts: int = 3,
+        num_gpus_per_engine: float = 0.0, max_restarts: int = 3, threads: Optional[int] = None,
     ) -> "RolloutPool":  # fmt: skip
         pool = cls.__new__(cls)
-        pool._start(backend, cfg, num_engines, num_cpus_per_engine, num_gpus_per_engine, max_restarts)
+        pool._start(backend, cfg, num_engines, num_cpus_per_engine, num_gpus_per_engine, max_restarts, threads)
         return pool
 
     def _start(self, backend: str, cfg: EngineConfig, num_engines: int, num_cpus: float, num_gpus: float,

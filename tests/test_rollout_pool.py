@@ -156,3 +156,14 @@ def test_bf16_vllm_engine_gives_finite_logprobs(rollout_ray, tiny_ckpt, rollout_
         assert all(np.isfinite(s.logprobs).all() and len(s.logprobs) == len(s.response_ids) for g in out for s in g)
     finally:
         bf16.shutdown()
+
+
+def test_an_engine_gets_the_threads_it_is_given_not_rays_one(rollout_ray, tiny_ckpt, rollout_engine_config):
+    """Ray pins an actor holding one CPU to one thread; a CPU engine is given the cores the idle learner leaves."""
+    import ray
+
+    pool = RolloutPool.from_engine_config("vllm", rollout_engine_config(tiny_ckpt), num_cpus_per_engine=1, threads=2)
+    try:
+        assert ray.get(pool.actors[0].threads.remote()) == 2
+    finally:
+        pool.shutdown()

@@ -16,8 +16,33 @@ def rms_norm(x_ND: jnp.ndarray, scale_D: jnp.ndarray, eps: float) -> jnp.ndarray
     return scale_D * y.astype(x_ND.dtype)
 
 
+@jax.custom_vjp
+def matmul(x_ND: jnp.ndarray, w_DF: jnp.ndarray) -> jnp.ndarray:
+    """x @ w, whose weight gradient is computed as an ordinary [D, N] x [N, F] matmul.
+
+    Autodiff's own form contracts the token axis of both operands, which XLA:CPU runs about 2x slower than a
+    matmul of the same size; transposing x first (kept apart by an optimisation barrier) is faster, and the same
+    numbers up to summation order.
+    """
+    return x_ND @ w_DF
+
+
+def _matmul_fwd(x_ND, w_DF):
+    return x_ND @ w_DF, (x_ND, w_DF)
+
+
+def _matmul_bwd(res, dy_NF):
+    x_ND, w_DF = res
+    x_MD, dy_MF = x_ND.reshape(-1, x_ND.shape[-1]), dy_NF.reshape(-1, dy_NF.shape[-1])
+    dw_DF = jax.lax.optimization_barrier(x_MD.T) @ dy_MF
+    return dy_NF @ w_DF.T, dw_DF.astype(w_DF.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def linear(x_ND: jnp.ndarray, p: dict[str, jnp.ndarray]) -> jnp.ndarray:
-    y = x_ND @ p["kernel"]
+    y = matmul(x_ND, p["kernel"])
     return y + p["bias"] if "bias" in p else y
 
 
