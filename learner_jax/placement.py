@@ -20,6 +20,8 @@ WORKER_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_AUTH_MODE": "disabled",
+    # vLLM warns on every image request that its CPU worker ignores torch.set_num_threads; errors still show.
+    "VLLM_LOGGING_LEVEL": "ERROR",
 }
 
 

@@ -162,7 +162,7 @@ def test_an_engine_gets_the_threads_it_is_given_not_rays_one(rollout_ray, tiny_c
     """Ray pins an actor holding one CPU to one thread; a CPU engine is given the cores the idle learner leaves."""
     import ray
 
-    pool = RolloutPool.from_engine_config("vllm", rollout_engine_config(tiny_ckpt), num_cpus_per_engine=1, threads=2)
+    pool = RolloutPool.from_engine_config("vllm", rollout_engine_config(tiny_ckpt), num_cpus_per_engine=0, threads=2)
     try:
         assert ray.get(pool.actors[0].threads.remote()) == 2
     finally:
