@@ -86,7 +86,7 @@ class LoopState:
         self.sampler.load_state_dict(meta["sampler"])
         self.rng.bit_generator.state = meta["rng"]
         self.kl_ctl.value = meta["kl_coef"]
-        self.iteration, self.version, self.bad_steps = meta["iteration"], meta["version"], meta["bad_steps"]
+        self.iteration, self.version, self.bad_steps = meta["iteration"], meta["version"], meta.get("bad_steps", 0)
 
 
 @dataclass
@@ -151,7 +151,8 @@ class Run:
         t, lr, mb = self.cfg.train, self.learner, self.micro_batch
         exp = batches.exp
         per_step = t.train_batch_size // mb
-        scale = 1.0 if self.cfg.algo.loss_agg == "global_token_mean" else None  # else: mean of micro-batches
+        # global_token_mean losses are already divided by the step's tokens; the others average the micro-batches
+        scale = 1.0 if self.cfg.algo.loss_agg == "global_token_mean" else 1.0 / per_step
         stats: dict[str, list[float]] = {}
         actor_x = {k: arrays[k] for k in ("mask_BL", "adv_BL", "rollout_logp_BL", "old_logp_BL", "ref_logp_BL")}
         first = True
@@ -168,7 +169,7 @@ class Run:
                     micro = [(model_in[j], CriticInputs(**xs[j])) for j in range(k, k + per_step)]
                     c = state.critic
                     params, opt, m = lr.critic_step(c.params, c.opt_state, micro, CriticScalars(n_tok),
-                                                    grad_scale=scale or 1.0 / per_step)  # fmt: skip
+                                                    grad_scale=scale)  # fmt: skip
                     state.critic = TrainState(params, opt, c.step + (not m["skipped"]))
                     _record(stats, "critic/", m)
             xs = lr.split(actor_x, order, mb)
@@ -177,7 +178,7 @@ class Run:
                 scalars = ActorScalars(n_tok, jnp.float32(state.kl_ctl.value), jnp.bool_(first))
                 micro = [(model_in[j], ActorInputs(**xs[j])) for j in range(k, k + per_step)]
                 a = state.actor
-                params, opt, m = lr.actor_step(a.params, a.opt_state, micro, scalars, grad_scale=scale or 1.0 / per_step)
+                params, opt, m = lr.actor_step(a.params, a.opt_state, micro, scalars, grad_scale=scale)
                 state.actor = TrainState(params, opt, a.step + (not m["skipped"]))
                 first = False
                 _record(stats, "actor/", m)
