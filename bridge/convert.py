@@ -1,4 +1,4 @@
-"""The learner's parameter tree <-> HF-named tensors, driven by the model's name table (`hf_names`) alone.
+"""The learner's parameter tree <-> HF-named tensors, driven by the model's name table (`shared.models.qwen2_5_vl_params`) alone.
 
 Learner side (no torch). Each HF tensor is one name-table `Entry`: a Flax leaf, a slice index for stacked
 layers, a layout (transpose / reshape). Where the tensor comes from decides where its layout is applied:
@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from learner_jax.models.config import Qwen25VLConfig
-from learner_jax.models.hf_names import Entry, Params, hf_to_flax, name_table
+from shared.models.qwen2_5_vl_config import Qwen25VLConfig
+from shared.models.qwen2_5_vl_params import Entry, Params, fused_group, hf_to_flax, name_table
 
-from .naming import fused_group
 from .payload import LAYOUTS, WireTensor
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
@@ -47,7 +46,7 @@ def policy_entries(cfg: Qwen25VLConfig) -> list[Entry]:
 
 
 def to_flax(tensors: Mapping[str, np.ndarray], cfg: Qwen25VLConfig, dtype=np.float32) -> Params:
-    """HF tensors (Hub names) -> params tree; see `hf_names.hf_to_flax` for the checks."""
+    """HF tensors (Hub names) -> params tree; see `qwen2_5_vl_params.hf_to_flax` for the checks."""
     return hf_to_flax(tensors, cfg, dtype=dtype)
 
 

@@ -24,10 +24,9 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from learner_jax.models import hf_names
+from shared.models import qwen2_5_vl_params as table
 
-LAYOUTS = {v.name: v for v in vars(hf_names).values() if isinstance(v, hf_names.Layout)}
-assert all(r.layout.name in LAYOUTS for r in hf_names.RULES), "a name-table layout is missing from LAYOUTS"
+LAYOUTS = {r.layout.name: r.layout for r in table.RULES}
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 _BY_ST = {v: k for k, v in _ST_DTYPES.items()}

@@ -20,7 +20,7 @@ _ENGINES = (
 
 
 def engine_naming(engine: Any) -> str:
-    """The naming scheme (`bridge.naming.NAMINGS`) of a rollout engine's `named_weights`."""
+    """The naming scheme (`shared.models.qwen2_5_vl_params.NAMINGS`) of a rollout engine's `named_weights`."""
     for module, cls, naming in _ENGINES:
         m = sys.modules.get(module)  # an engine's class is imported wherever the engine exists
         if m is not None and isinstance(engine, getattr(m, cls)):

@@ -2,7 +2,7 @@
 
     sync = WeightSync(target, model_cfg, transport="object_store", dtype="bfloat16")
     report = sync.push(params, version)          # PushReport
-    sync.verify(params, probe)                   # checksums of what the engines hold, and a logprob probe
+    sync.verify(params, probe, probe_logprobs)   # checksums of what the engines hold, and a logprob probe
 
 `push` never materialises a second copy of the model: buckets of at most `bucket_bytes` are gathered from the
 (possibly sharded) params, converted, shipped and loaded one after another; the next bucket is gathered while
@@ -17,8 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from learner_jax.models.config import Qwen25VLConfig
-from learner_jax.models.hf_names import Params
+from shared.models.qwen2_5_vl_config import Qwen25VLConfig
+from shared.models.qwen2_5_vl_params import Params
 
 from .convert import Bucket, gather, plan_buckets, policy_entries, resolve_dtype, wire_itemsizes
 from .transport import Transport, make_transport
@@ -129,14 +129,17 @@ class WeightSync:
             gather_seconds=gather_s, send_seconds=send_s, engine_versions=versions,
         )  # fmt: skip
 
-    def verify(self, params: Params, probe: Optional[Any] = None, *, exact: bool = True, atol: float = 1e-3) -> dict:
-        """Checksums of every tensor the engines hold against `params`, and the logprob probe if given; raises
-        `bridge.verify.WeightMismatch` / `LogprobMismatch`. Returns what was measured."""
+    def verify(self, params: Params, probe: Optional[Any] = None, probe_logprobs: Optional[Any] = None, *,
+               exact: bool = True, atol: float = 1e-3) -> dict:  # fmt: skip
+        """Checksums of every tensor the engines hold against `params`, and the logprob probe if given (with the
+        learner's log-probabilities of its response); raises `bridge.verify.WeightMismatch` / `LogprobMismatch`."""
         from .verify import verify_logprobs, verify_weights
 
         out: dict[str, Any] = {"tensors": verify_weights(self.target, params, self.cfg, dtype=self.dtype, exact=exact)}
         if probe is not None:
-            out["logprob_max_abs_diff"] = verify_logprobs(self.target, params, self.cfg, probe, atol=atol)
+            if probe_logprobs is None:
+                raise ValueError("a logprob probe needs the learner's log-probabilities of its response")
+            out["logprob_max_abs_diff"] = verify_logprobs(self.target, probe_logprobs, probe, atol=atol)
         return out
 
     def close(self) -> None:

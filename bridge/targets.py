@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .checksum import Checksum
-from .naming import NAMINGS
+from shared.models.qwen2_5_vl_params import NAMINGS
 
 
 class ServiceTarget:

@@ -5,27 +5,22 @@ learner computes the expected fingerprints from its params by streaming them buc
 naming and layout (fused q/k/v and gate/up row blocks are fingerprinted in order, never concatenated), after the
 same dtype cast the push applies. Any difference raises `WeightMismatch` naming the tensors.
 
-Probe: the engine's `score` of a fixed prompt + response against the learner's `forward_logprobs` on the same
-token ids and pixels; a gap above `atol` raises `LogprobMismatch`.
+Probe: the engine's `score` of a fixed prompt + response against the learner's log-probabilities of the same token
+ids and pixels (computed by the learner, `learner_jax.probe`); a gap above `atol` raises `LogprobMismatch`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Optional
 
-import jax
 import numpy as np
 
-from learner_jax.models.batch import build_batch
-from learner_jax.models.config import Qwen25VLConfig
-from learner_jax.models.hf_names import Params
-from learner_jax.models.qwen2_5_vl import forward_logprobs
+from shared.models.qwen2_5_vl_config import Qwen25VLConfig
+from shared.models.qwen2_5_vl_params import NAMINGS, Params, engine_tensors
 from shared.records import Prompt, Sample, VisionInputs
 
 from .checksum import Checksum
 from .convert import gather, hf_layout, plan_buckets, policy_entries, resolve_dtype, wire_itemsizes
-from .naming import NAMINGS, engine_tensors
 from .transport import is_local_engine
 
 
@@ -145,25 +140,10 @@ class LogprobProbe:
         return LogprobProbe(prompt, list(sample.prompt_ids), list(sample.response_ids), vision, pad_token_id)
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def _logprobs(params: Params, batch: dict, cfg: Qwen25VLConfig):
-    return forward_logprobs(params, batch, cfg)["logprobs_BL"]
-
-
-def learner_logprobs(params: Params, cfg: Qwen25VLConfig, probe: LogprobProbe) -> np.ndarray:
-    """The learner's log-probabilities of the probe's response tokens."""
-    if not probe.response_ids:
-        raise ValueError("the probe needs at least one response token")
-    ids = list(probe.prompt_ids) + list(probe.response_ids)
-    batch = build_batch([ids], [probe.vision], cfg, pad_token_id=probe.pad_token_id)
-    logp_BL = np.asarray(_logprobs(params, batch, cfg))
-    return logp_BL[0, -len(probe.response_ids):]
-
-
-def verify_logprobs(target: Any, params: Params, cfg: Qwen25VLConfig, probe: LogprobProbe,
-                    atol: float = 1e-3) -> float:  # fmt: skip
-    """Max |engine - learner| over the probe's response tokens (and engines); raises `LogprobMismatch` above `atol`."""
-    ours = learner_logprobs(params, cfg, probe)
+def verify_logprobs(target: Any, ours: np.ndarray, probe: LogprobProbe, atol: float = 1e-3) -> float:
+    """Max |engine - learner| over the probe's response tokens (and engines), `ours` being the learner's
+    log-probabilities of them; raises `LogprobMismatch` above `atol`."""
+    ours = np.asarray(ours, np.float64)
     scored = target.score(probe.prompt, list(probe.response_ids))
     per_engine = scored if scored and isinstance(scored[0], (list, tuple, np.ndarray)) else [scored]
     worst = 0.0

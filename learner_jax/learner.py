@@ -24,6 +24,7 @@ from shared.config import AlgoConfig
 
 from .experience import Experience
 from .models.config import ModelOptions, Qwen25VLConfig
+from .models.lora import LoraSpec
 from .models.qwen2_5_vl import forward, forward_logprobs
 from .rl.advantages import compute_advantages
 from .rl.kl import approx_kl
@@ -100,10 +101,11 @@ class Learner:
 
     def __init__(self, model_cfg: Qwen25VLConfig, opts: ModelOptions, algo: AlgoConfig, strategy: Strategy,
                  pad_token_id: int, n_samples: int, tx_actor, actor_params, tx_critic=None, critic_params=None,
-                 logprob_chunk: int = 1024):  # fmt: skip
-        self.model_cfg, self.opts, self.algo, self.strategy = model_cfg, opts, algo, strategy
+                 logprob_chunk: int = 1024, actor_frozen=None, lora: Optional[LoraSpec] = None):  # fmt: skip
+        """With LoRA (`lora`), `actor_frozen` holds the base weights and `actor_params` the adapters only."""
+        self.model_cfg, self.opts, self.algo, self.strategy, self.lora = model_cfg, opts, algo, strategy, lora
         self.pad_token_id, self.chunk = pad_token_id, logprob_chunk
-        self.actor_step = TrainStep(strategy, self._actor_loss, tx_actor, actor_params)
+        self.actor_step = TrainStep(strategy, self._actor_loss, tx_actor, actor_params, frozen=actor_frozen)
         self.critic_step = TrainStep(strategy, self._critic_loss, tx_critic, critic_params) if tx_critic else None
         self._logp = jax.jit(lambda p, b, window: self._logp_entropy(p, b, window)[0], static_argnums=2)
         self._values = jax.jit(self._values_fn, static_argnums=2)
@@ -114,7 +116,8 @@ class Learner:
     # ------------------------------------------------------------------ the programs
 
     def _logp_entropy(self, params, batch, window: int):
-        out = forward_logprobs(params, batch, self.model_cfg, self.opts, chunk=self.chunk, window=window)
+        out = forward_logprobs(params, batch, self.model_cfg, self.opts, chunk=self.chunk, window=window,
+                               lora=self.lora)  # fmt: skip
         return out["logprobs_BL"], out["entropy_BL"]
 
     def _values_fn(self, params, batch, window: int):

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from shared.config import SHARDING_STRATEGIES, Config, ShardingConfig, derive, load_config
 
 from .models.config import Qwen25VLConfig
-from .models.hf_names import abstract_params
+from .adapters import adapter_shapes, lora_spec
+from .models.params import abstract_params
 from .optim import make_optimizer
 from .sharding import Strategy, path_str, shard_bytes
 
@@ -110,11 +111,11 @@ def activation_bytes(cfg: Qwen25VLConfig, micro_batch: int, seq_len: int, dtype_
 class MemoryReport:
     strategy: str
     mesh: dict[str, int]
-    params: int  # bytes per device (largest shard), float32 master weights
-    grads: int  # the gradient accumulator
+    params: int  # bytes per device (largest shard), float32 master weights (with LoRA: base + adapters)
+    grads: int  # the gradient accumulator (with LoRA: adapters only)
     opt_state: int
     opt_on_host: bool
-    reference: int  # frozen reference policy, same shardings as the params
+    reference: int  # frozen reference policy, same shardings as the params (LoRA: the base itself, 0)
     compute_copy: int  # the params cast to the compute dtype inside the forward pass (0 for float32)
     activations: int  # estimate, with the config's remat setting
     activations_no_remat: int
@@ -140,14 +141,18 @@ def tree_bytes(tree: Any, shardings: Any) -> dict[str, int]:
 
 def memory_report(strategy: Strategy, params: Any, opt_state: Any, *, micro_batch: int, seq_len: int,
                   compute_dtype: str = "bfloat16", remat: bool = True, with_reference: bool = False,
-                  fused_attention: bool = True, logprob_chunk: int = 1024) -> MemoryReport:  # fmt: skip
+                  fused_attention: bool = True, logprob_chunk: int = 1024, frozen: Any = None) -> MemoryReport:  # fmt: skip
     """The memory of `strategy` for a params tree and optimizer state (arrays or ShapeDtypeStructs).
 
     `micro_batch` is the number of sequences each data-parallel rank processes at once, `seq_len` their length.
+    With LoRA `params` are the adapters and `frozen` the base: no gradient or optimizer state of its own, and it
+    is the reference model too.
     """
     p = tree_bytes(params, strategy.param_shardings(params))
     g = tree_bytes(params, strategy.grad_shardings(params))
     o = tree_bytes(opt_state, strategy.opt_shardings(opt_state))
+    if frozen is not None:
+        p = {**tree_bytes(frozen, strategy.param_shardings(frozen)), **p}
     p_total = sum(p.values())
     dtype_bytes = jnp.dtype(compute_dtype).itemsize
     act = lambda r: activation_bytes(strategy.model, micro_batch, seq_len, dtype_bytes, r,  # noqa: E731
@@ -155,7 +160,7 @@ def memory_report(strategy: Strategy, params: Any, opt_state: Any, *, micro_batc
     return MemoryReport(
         strategy=strategy.name, mesh=strategy.sizes, params=p_total, grads=sum(g.values()),
         opt_state=sum(o.values()), opt_on_host=strategy.offload_active,
-        reference=p_total if with_reference else 0,
+        reference=p_total if with_reference and frozen is None else 0,
         compute_copy=p_total * dtype_bytes // 4 if dtype_bytes < 4 else 0,
         activations=act(remat), activations_no_remat=act(False),
         leaves={"params": p, "opt_state": o}, notes=list(strategy.notes),
@@ -183,7 +188,10 @@ def plan(cfg: Config, model: Qwen25VLConfig, num_devices: int,
          strategies: Sequence[str] = SHARDING_STRATEGIES, platform: str = "gpu",
          fused_attention: Optional[bool] = None) -> list[MemoryReport]:  # fmt: skip
     """A report per strategy for the policy of `cfg` (actor, plus the reference when the run uses one)."""
-    params = abstract_params(model)
+    params, frozen = abstract_params(model), None
+    lora = lora_spec(cfg.model.lora, model)
+    if lora is not None:
+        params, frozen = adapter_shapes(model, lora), params
     tx, _ = make_optimizer(cfg.actor, 1000, params)
     opt_state = jax.eval_shape(tx.init, params)
     seq_len = cfg.data.prompt_max_len + cfg.rollout.generate_max_len
@@ -194,7 +202,8 @@ def plan(cfg: Config, model: Qwen25VLConfig, num_devices: int,
         strategy = Strategy.abstract(layout, model, num_devices, platform=platform)
         reports.append(memory_report(strategy, params, opt_state, micro_batch=cfg.train.micro_train_batch_size,
                                      seq_len=seq_len, compute_dtype=cfg.model.dtype, remat=cfg.model.remat,
-                                     with_reference=cfg.uses_reference, fused_attention=fused))  # fmt: skip
+                                     with_reference=cfg.uses_reference, fused_attention=fused,
+                                     frozen=frozen))  # fmt: skip
     return reports
 
 

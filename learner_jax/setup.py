@@ -15,8 +15,10 @@ import yaml
 
 from shared.config import Config, derive
 from shared.data import PromptRow, PromptSampler, load_rows
+from shared.models.qwen2_5_vl_params import name_table
 from shared.rewards import make_scorer
 
+from .adapters import fold, init_adapters, lora_spec
 from .checkpoint import Checkpointer
 from .experience import Experience
 from .export import export_hf
@@ -25,7 +27,7 @@ from .learner import (ActorInputs, ActorScalars, CriticInputs, CriticScalars, Le
 from .metrics import MetricsLogger, PhaseTimer
 from .models.config import ModelOptions
 from .models.hf_io import load_checkpoint
-from .models.hf_names import name_table
+from .models.lora import LoraSpec, merge_lora
 from .models.qwen2_5_vl import init_value_head
 from .optim import make_optimizer
 from .placement import spawn, start_ray
@@ -104,6 +106,14 @@ class Run:
     ckpt: Checkpointer
     logger: MetricsLogger
     total_rollouts: int
+    lora: Optional[LoraSpec] = None
+
+    def __post_init__(self) -> None:
+        if self.lora is not None:
+            scale = self.lora.scale
+            base_shardings = self.learner.strategy.param_shardings(
+                jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.learner.actor_step.frozen))
+            self._fold = jax.jit(lambda base, ad: fold(merge_lora(base, ad), scale), out_shardings=base_shardings)
 
     # ------------------------------------------------------------- per-iteration helpers
 
@@ -138,7 +148,7 @@ class Run:
         lr, mb, L = self.learner, batches.get(perm), batches.exp.action_mask_BL.shape[1]
         out = {"old_logp_BL": None, "ref_logp_BL": None, "values_BL": None}
         if self.needs_old_pass:
-            out["old_logp_BL"] = lr.gather(lr.logprobs(state.actor.params, mb, L), perm)
+            out["old_logp_BL"] = lr.gather(lr.logprobs(self.policy(state), mb, L), perm)
         if self.cfg.uses_reference:
             out["ref_logp_BL"] = lr.gather(lr.logprobs(self.ref_params, mb, L), perm)
         if state.critic is not None:
@@ -196,15 +206,26 @@ class Run:
         else:
             state.bad_steps = 0
 
+    def policy(self, state: LoopState) -> Any:
+        """The actor's whole params tree: with LoRA the frozen base and the trained adapters together."""
+        return merge_lora(self.learner.actor_step.frozen, state.actor.params)
+
+    def policy_weights(self, state: LoopState) -> Any:
+        """What engines and exports receive: with LoRA the adapters folded into the base kernels (on device)."""
+        if self.lora is None:
+            return state.actor.params
+        return self._fold(self.learner.actor_step.frozen, state.actor.params)
+
     def push_weights(self, state: LoopState, it: int) -> dict:
         """Push the policy as the next version; every `train.verify_every` rollouts (and on the first) check the
         checksums of what the engines hold. A mismatch raises with the names of the tensors that differ."""
         state.version += 1
-        report = self.sync.push(state.actor.params, state.version)
+        weights = self.policy_weights(state)
+        report = self.sync.push(weights, state.version)
         out = {"sync/bytes": float(report.bytes), "sync/seconds": float(report.seconds)}
         every = self.cfg.train.verify_every
         if every and (it % every == 0):
-            out["sync/verified_tensors"] = float(self.sync.verify(state.actor.params)["tensors"])
+            out["sync/verified_tensors"] = float(self.sync.verify(weights)["tensors"])
         return out
 
     def log(self, state: LoopState, it, timer, exp, scores, stats, kl_mean) -> dict:
@@ -235,7 +256,7 @@ class Run:
     def memory(self, state: LoopState) -> dict[str, int]:
         """Per-device bytes of the actor's parameters, gradient accumulator and optimizer state, measured on the
         arrays the loop holds (the memory planner's figures are checked against these)."""
-        return {"params": sum(device_bytes(state.actor.params).values()),
+        return {"params": sum(device_bytes(self.policy(state)).values()),
                 "grads": sum(self.learner.actor_step.grad_bytes.values()),
                 "opt_state": sum(device_bytes(state.actor.opt_state).values())}  # fmt: skip
 
@@ -247,8 +268,9 @@ class Run:
     def restore(self, state: LoopState) -> None:
         arrays, meta, _ = self.ckpt.restore(state.arrays())
         state.load(arrays, meta)
-        self.sync.push(state.actor.params, state.version)  # engines start from the checkpoint, not model.path
-        self.sync.verify(state.actor.params)
+        weights = self.policy_weights(state)
+        self.sync.push(weights, state.version)  # engines start from the checkpoint, not model.path
+        self.sync.verify(weights)
 
     def evaluate(self, iteration: int) -> None:
         from .evaluate import evaluate_files
@@ -257,7 +279,8 @@ class Run:
 
     def finish(self, state: LoopState) -> None:
         if self.cfg.train.export_dir:
-            export_hf(state.actor.params, self.model_cfg, self.cfg.model.path, self.cfg.train.export_dir)
+            export_hf(self.policy_weights(state), self.model_cfg, self.cfg.model.path, self.cfg.train.export_dir,
+                      adapters=state.actor.params if self.lora else None, lora=self.lora)  # fmt: skip
         self.logger.close()
         self.ckpt.close()
         self.rollout.close()
@@ -302,11 +325,18 @@ def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
                          f"{t.micro_train_batch_size} x {strategy.data_parallel_size} data-parallel ranks")  # fmt: skip
     frozen = frozen_predicate(model_cfg, cfg.model.freeze_prefixes)
     params = strategy.place(params, strategy.param_shardings(params))
+    lora = lora_spec(cfg.model.lora, model_cfg)
+    base = None
+    if lora is not None:  # the actor trains adapters only; the base is shared with the reference
+        base = params
+        adapters = init_adapters(model_cfg, lora, jax.random.key(t.seed))
+        params = strategy.place(adapters, strategy.param_shardings(adapters))
     tx_actor, lr_actor = make_optimizer(cfg.actor, total_steps, params, frozen)
     critic_params, tx_critic = None, None
     if cfg.uses_critic:
         # A copy: the steps donate their parameters, so actor, critic and reference never share a buffer.
-        critic_params = load_checkpoint(cfg.model.critic_path)[1] if cfg.model.critic_path else _copy(params)
+        critic_params = (load_checkpoint(cfg.model.critic_path)[1] if cfg.model.critic_path
+                         else _copy(params if base is None else base))  # fmt: skip
         critic_params = {**critic_params, "value_head": init_value_head(jax.random.key(cfg.train.seed), model_cfg)}
         critic_params = strategy.place(critic_params, strategy.param_shardings(critic_params))
         tx_critic, _ = make_optimizer(cfg.critic, total_steps, critic_params, frozen)
@@ -314,17 +344,19 @@ def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
     rollout = spawn("rollout_torch.service:RolloutService", cfg.to_dict(), num_cpus=0)
     pad = rollout.token_info()["pad_token_id"]
     learner = Learner(model_cfg, opts, cfg.algo, strategy, pad, r.n_samples_per_prompt, tx_actor, params,
-                      tx_critic, critic_params)  # fmt: skip
+                      tx_critic, critic_params, actor_frozen=base, lora=lora)  # fmt: skip
     actor = TrainState(params, learner.actor_step.init_opt_state(params))
     critic = None
     if critic_params is not None:
         critic = TrainState(critic_params, learner.critic_step.init_opt_state(critic_params))
     run = Run(
-        cfg=cfg, model_cfg=model_cfg, learner=learner, ref_params=_copy(params) if cfg.uses_reference else None,
+        cfg=cfg, model_cfg=model_cfg, learner=learner,
+        ref_params=(_copy(params) if base is None else base) if cfg.uses_reference else None,
         lr_actor=lr_actor, rollout=rollout,
         sync=WeightSync(ServiceTarget(rollout, r.backend), model_cfg, dtype=r.dtype),
         scorer=make_scorer(cfg.reward), ckpt=Checkpointer(t.ckpt_dir, t.max_ckpts),
         logger=MetricsLogger(t.log_dir, t.wandb_project, cfg.name, cfg.to_dict()), total_rollouts=total_rollouts,
+        lora=lora,
     )  # fmt: skip
     (run.logger.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # as resolved
     state = LoopState(actor=actor, critic=critic, sampler=sampler, kl_ctl=make_kl_controller(cfg.algo),

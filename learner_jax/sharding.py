@@ -1,9 +1,10 @@
 """Device mesh, partition rules and sharding strategies of the learner.
 
-One mesh with axes (data, fsdp, tensor). `PARAM_RULES` declares, for every parameter of the Qwen2.5-VL port,
-which dimension is split for tensor parallelism (Megatron layout: q/k/v/gate/up column-parallel, o/down
-row-parallel, vocabulary-parallel embedding and head). ZeRO/FSDP sharding is generic on top of it: the largest
-remaining dimension that divides evenly goes to the sharding axes. The strategy picks what gets that sharding:
+One mesh with axes (data, fsdp, tensor). The model's parameter table (`shared.models.qwen2_5_vl_params`)
+declares, for every parameter, which dimension is split for tensor parallelism (Megatron layout: q/k/v/gate/up
+column-parallel, o/down row-parallel, vocabulary-parallel embedding and head); `PARAM_RULES` reads it.
+ZeRO/FSDP sharding is generic on top of it: the largest remaining dimension that divides evenly goes to the
+sharding axes. The strategy picks what gets that sharding:
 
     strategy     parameters     gradients      optimizer state      batch split over
     replicated   -              -              -                    data x fsdp
@@ -29,6 +30,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
@@ -39,47 +41,34 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 from shared.config import ShardingConfig
 
+from shared.models import qwen2_5_vl_params as table
+
 from .models.config import Qwen25VLConfig
+from .models.lora import merge_lora
 
 log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 ZERO_AXES = ("data", "fsdp")  # every data-parallel device: the batch, gradients and optimizer state split here
 
-# Tensor-parallel layout per parameter: regex on the '/'-joined path -> logical axis of each dimension after the
-# stacking axis (None: never tensor-sharded). Matched at the end of a path, so the same table serves gradients
-# and the optimizer state's moment trees (".../mu/text/layers/q/kernel").
-PARAM_RULES: tuple[tuple[str, tuple[Optional[str], ...]], ...] = (
-    (r"text/embed/embedding", ("vocab", None)),
-    (r"lm_head/kernel", (None, "vocab")),
-    (r"value_head/kernel", (None, None)),
-    (r"text/layers/q/kernel", (None, "heads")),
-    (r"text/layers/q/bias", ("heads",)),
-    (r"text/layers/[kv]/kernel", (None, "kv_heads")),
-    (r"text/layers/[kv]/bias", ("kv_heads",)),
-    (r"text/layers/o/kernel", ("heads", None)),
-    (r"text/layers/mlp/(gate|up)/kernel", (None, "mlp")),
-    (r"text/layers/mlp/down/kernel", ("mlp", None)),
-    (r"text/(layers/input_norm|layers/post_norm|norm)/scale", (None,)),
-    (r"visual/patch_embed/kernel", (None, None)),
-    (r"visual/blocks/norm[12]/scale", (None,)),
-    # The fused qkv output is laid out (3, heads, head_dim): a contiguous split would cut across q, k and v, so
-    # vision attention is not tensor-parallel; FSDP still splits it (it is 5.6% of the 3B model's parameters).
-    (r"visual/blocks/attn/(qkv|proj)/kernel", (None, None)),
-    (r"visual/blocks/attn/(qkv|proj)/bias", (None,)),
-    (r"visual/blocks/mlp/(gate|up)/kernel", (None, "mlp")),
-    (r"visual/blocks/mlp/(gate|up)/bias", ("mlp",)),
-    (r"visual/blocks/mlp/down/kernel", ("mlp", None)),
-    (r"visual/blocks/mlp/down/bias", (None,)),
-    (r"visual/merger/norm/scale", (None,)),
-    (r"visual/merger/fc1/kernel", (None, "mlp")),
-    (r"visual/merger/fc1/bias", ("mlp",)),
-    (r"visual/merger/fc2/kernel", ("mlp", None)),
-    (r"visual/merger/fc2/bias", (None,)),
-)
-STACKED = r"(text/layers|visual/blocks)/"  # leaves with a leading layer axis (lax.scan); never sharded
-_COMPILED = [(re.compile(rf"(?:^|/){pattern}$"), template) for pattern, template in PARAM_RULES]
-_STACKED = re.compile(rf"(?:^|/){STACKED}")
+def _param_rules() -> tuple[tuple[str, tuple[Optional[str], ...], bool], ...]:
+    """(path pattern, logical tensor-parallel axis per dim after the stacking axis, stacked) for every parameter of
+    the model's table, and for the LoRA adapters a linear layer may carry: A [in, r] splits like the kernel's input,
+    B [r, out] like its output. Matched at the end of a path, so the same rules serve gradients and the optimizer
+    state's moment trees (".../mu/text/layers/q/kernel")."""
+    rules = []
+    for r in table.RULES:
+        stacked = r.stack is not None
+        rules.append((re.escape(r.flax), r.axes, stacked))
+        if r.layout is table.LINEAR and r.flax.endswith("/kernel"):
+            module = re.escape(r.flax[: -len("/kernel")])
+            rules += [(module + "/lora/lora_a", (r.axes[0], None), stacked),
+                      (module + "/lora/lora_b", (None, r.axes[1]), stacked)]  # fmt: skip
+    return tuple(rules)
+
+
+PARAM_RULES = _param_rules()
+_COMPILED = [(re.compile(rf"(?:^|/){pattern}$"), template, stacked) for pattern, template, stacked in PARAM_RULES]
 
 
 def tensor_units(cfg: Qwen25VLConfig) -> dict[str, int]:
@@ -145,12 +134,12 @@ def path_str(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def match_rule(path: str) -> Optional[tuple[tuple[Optional[str], ...], str]]:
-    """The first rule matching `path`: its template and the parameter path it matched (a suffix of `path`)."""
-    for pattern, template in _COMPILED:
+def match_rule(path: str) -> Optional[tuple[tuple[Optional[str], ...], str, bool]]:
+    """The rule matching `path`: its template, the parameter path it matched (a suffix of `path`), stacked."""
+    for pattern, template, stacked in _COMPILED:
         m = pattern.search(path)
         if m:
-            return template, path[m.start():].lstrip("/")
+            return template, path[m.start():].lstrip("/"), stacked
     return None
 
 
@@ -163,8 +152,7 @@ def leaf_spec(path: str, shape: tuple[int, ...], sizes: dict[str, int], units: d
     rule = match_rule(path)
     if rule is None or ndim == 0:
         return PartitionSpec()
-    template, param = rule  # notes name the parameter, so its gradient and moments share one note
-    stacked = bool(_STACKED.search(path))
+    template, param, stacked = rule  # notes name the parameter, so its gradient and moments share one note
     if len(template) + stacked != ndim:
         raise ValueError(f"{path}: shape {shape} has {ndim} dims; the partition rule expects "
                          f"{len(template) + stacked} ({'stacked ' if stacked else ''}{template})")  # fmt: skip
@@ -199,7 +187,8 @@ def tree_specs(tree: Any, sizes: dict[str, int], units: dict[str, int], zero_axe
     def one(path, leaf):
         name = path_str(path)
         if require_rule and match_rule(name) is None:
-            raise ValueError(f"no partition rule for parameter {name} {tuple(leaf.shape)}; add one to PARAM_RULES")
+            raise ValueError(f"no partition rule for parameter {name} {tuple(leaf.shape)}; add it to the model's "
+                             f"parameter table (shared.models)")
         return leaf_spec(name, tuple(leaf.shape), sizes, units, zero_axes, notes)
 
     return jax.tree_util.tree_map_with_path(one, tree)
@@ -328,7 +317,7 @@ class Strategy:
                             is_leaf=lambda x: isinstance(x, PartitionSpec))  # fmt: skip
 
     def param_shardings(self, abstract_params: Any) -> Any:
-        """Every leaf must have a rule in PARAM_RULES (a new parameter fails loudly instead of replicating)."""
+        """Every leaf must have a rule in the parameter table (a new parameter fails loudly instead of replicating)."""
         return self._shardings(abstract_params, _STAGES[self.name].params, require_rule=True)
 
     def grad_shardings(self, abstract_params: Any) -> Any:
@@ -399,9 +388,14 @@ class TrainStep:
     donation stays safe). Metrics are summed on device and read once per step.
     """
 
-    def __init__(self, strategy: Strategy, loss_fn: Callable, tx: optax.GradientTransformation, abstract_params: Any):
+    def __init__(self, strategy: Strategy, loss_fn: Callable, tx: optax.GradientTransformation, abstract_params: Any,
+                 frozen: Any = None):  # fmt: skip
         if strategy.is_abstract:
             raise ValueError("TrainStep needs a strategy on real devices (Strategy.from_config)")
+        # `frozen`: placed arrays the loss sees beside the trained params (a LoRA base) with no gradient, no
+        # accumulator and no optimizer state; the loss gets both as one tree.
+        self.frozen = {} if frozen is None else frozen
+        loss_fn = partial(_with_frozen, loss_fn)
         self.strategy, self.tx, self.loss_fn = strategy, tx, loss_fn
         self._metric_shapes: Optional[dict] = None
         self.grad_bytes: dict[str, int] = {}  # per-device bytes of the accumulator, measured on the first step
@@ -413,8 +407,8 @@ class TrainStep:
         opt_on_device = strategy.opt_shardings(abstract_opt, on_host=False)
         rep = strategy.replicated
 
-        def accumulate(params, acc, sums, batch, inputs, scalars):
-            (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, inputs, scalars)
+        def accumulate(params, frozen, acc, sums, batch, inputs, scalars):
+            (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, inputs, scalars)
             sums = jax.tree.map(jnp.add, sums, {"loss": loss, **metrics})
             return jax.tree.map(jnp.add, acc, g), sums
 
@@ -429,7 +423,7 @@ class TrainStep:
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
             return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), gnorm, finite
 
-        self._accumulate = jax.jit(accumulate, out_shardings=(self.grad_shardings, rep), donate_argnums=(1, 2))
+        self._accumulate = jax.jit(accumulate, out_shardings=(self.grad_shardings, rep), donate_argnums=(2, 3))
         self._apply = jax.jit(apply, in_shardings=(self.param_shardings, self.opt_shardings, self.grad_shardings, rep),
                               out_shardings=(self.param_shardings, self.opt_shardings, rep, rep),
                               donate_argnums=(0, 1))  # fmt: skip
@@ -460,12 +454,12 @@ class TrainStep:
         for batch, inputs in micro_batches:
             batch, inputs = self.place_micro_batch(batch, inputs)
             if self._metric_shapes is None:  # metric names are known once the loss is traced
-                loss, metrics = jax.eval_shape(self.loss_fn, params, batch, inputs, scalars)
+                loss, metrics = jax.eval_shape(self.loss_fn, params, self.frozen, batch, inputs, scalars)
                 self._metric_shapes = {"loss": loss, **metrics}
             if sums is None:  # placed like the step's own output, so the first call compiles the same program
                 sums = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), self._metric_shapes),
                                       self.strategy.replicated)  # fmt: skip
-            acc, sums = self._accumulate(params, acc, sums, batch, inputs, scalars)
+            acc, sums = self._accumulate(params, self.frozen, acc, sums, batch, inputs, scalars)
             n += 1
         if n == 0:
             raise ValueError("TrainStep needs at least one micro-batch")
@@ -475,6 +469,10 @@ class TrainStep:
         metrics["grad_norm"] = float(gnorm)
         metrics["skipped"] = 0.0 if bool(finite) else 1.0
         return params, opt_state, metrics
+
+
+def _with_frozen(loss_fn: Callable, params: Any, frozen: Any, *args: Any) -> Any:
+    return loss_fn(merge_lora(frozen, params) if frozen else params, *args)
 
 
 def device_bytes(tree: Any) -> dict[str, int]:

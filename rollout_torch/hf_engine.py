@@ -29,18 +29,10 @@ from rollout_torch.engine import (
     validate_sampling,
 )
 from rollout_torch.processing import load_images, load_processor, process
+from shared.models.qwen2_5_vl_params import hub_name
 from shared.records import Prompt, Sample, SamplingSpec
 
 MAX_BATCH_ROWS = 32  # sequences per generate call
-
-
-def hub_name(state_dict_name: str) -> str:
-    """The Hub checkpoint name of a transformers-5 Qwen2-VL/Qwen2.5-VL state_dict key."""
-    if state_dict_name.startswith("model.language_model."):
-        return "model." + state_dict_name[len("model.language_model."):]
-    if state_dict_name.startswith("model.visual."):
-        return state_dict_name[len("model."):]
-    return state_dict_name
 
 
 def mask_top_k_top_p(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -123,7 +115,7 @@ class HFEngine(RolloutEngine):
         self.tokenizer = self.processor.tokenizer
         self._stop_ids = stop_token_ids(cfg.model_path, self.tokenizer)
         self._params = dict(self.model.named_parameters())
-        self._by_hub = {hub_name(k): k for k in self._params}
+        self._by_hub = {hub_name("transformers", k): k for k in self._params}
         self._rng = torch.Generator().manual_seed(cfg.seed)  # for requests without a seed
 
     # -- generation
@@ -216,7 +208,7 @@ class HFEngine(RolloutEngine):
         if key is None:
             raise KeyError(
                 f"engine {self.engine_id}: {name!r} is not a parameter of the model; expected Hugging Face "
-                f"Hub names such as 'model.layers.0.self_attn.q_proj.weight'"
+                f"Hub names such as {next(iter(self._by_hub))!r}"
             )
         return key
 

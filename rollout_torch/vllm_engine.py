@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import tempfile
 import time
 import weakref
@@ -50,20 +49,12 @@ from rollout_torch.engine import (
     validate_sampling,
 )
 from rollout_torch.processing import check_placeholders, load_images, load_processor, processor_kwargs
+from shared.models.qwen2_5_vl_params import fused_group
 from shared.records import Prompt, Sample, SamplingSpec
 
 WORKER_EXTENSION = "rollout_torch.vllm_worker_ext.LmmrlWorkerExtension"
-_FUSED = ((re.compile(r"\.[qkv]_proj$"), ".qkv_proj"), (re.compile(r"\.(gate|up)_proj$"), ".gate_up_proj"))
 _push_counter = itertools.count()
 _open_in_process: "weakref.WeakSet[VllmEngine]" = weakref.WeakSet()
-
-
-def fused_group(name: str) -> str:
-    """The vLLM layer a checkpoint tensor lands in: tensors sharing it must be pushed together."""
-    module = name.rsplit(".", 1)[0]
-    for pattern, fused in _FUSED:
-        module = pattern.sub(fused, module)
-    return module
 
 
 class VllmEngine(RolloutEngine):

@@ -32,6 +32,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning; > 0 trains low-rank adapters on `targets` and nothing else
+    alpha: float = 16.0  # adapter output scaled by alpha / rank (PEFT's convention)
+    dropout: float = 0.0
+    # language_model | vision_tower | all-linear (both), or patterns over HF module names: a PEFT-style suffix
+    # ("q_proj") or a glob over the names in the model's parameter table.
+    targets: list[str] = field(default_factory=lambda: ["language_model"])
+
+
+@dataclass
 class ModelConfig:
     path: str = ""  # HF checkpoint directory of the policy (also the reference model)
     critic_path: Optional[str] = None  # critic initialisation; None = same as `path` with a fresh value head
@@ -39,6 +49,7 @@ class ModelConfig:
     remat: bool = True  # rematerialise each decoder/vision block in the backward pass
     attention: str = "auto"  # softmax | dot_product | auto (dot_product on GPU/TPU, softmax on CPU)
     freeze_prefixes: list[str] = field(default_factory=list)  # HF-name prefixes kept fixed, e.g. ["visual"]
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -390,6 +401,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sharding.tensor: strategy 'tensor' needs sharding.tensor >= 2")
     if s.strategy == "zero3" and s.fsdp < 2:
         raise ConfigError("sharding.fsdp: strategy 'zero3' shards parameters over the fsdp axis; set sharding.fsdp >= 2")
+    validate_lora(cfg)
+
+
+def validate_lora(cfg: Config) -> None:
+    """LoRA settings; targets are resolved against the checkpoint's config.json when it exists already (else at
+    start-up, before any engine starts)."""
+    lo = cfg.model.lora
+    if lo.rank < 0:
+        raise ConfigError(f"model.lora.rank: must be > 0 to train adapters (0 = full fine-tuning), got {lo.rank}")
+    if lo.rank == 0:
+        return
+    if lo.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha: must be > 0, got {lo.alpha}")
+    if lo.dropout != 0:
+        raise ConfigError(f"model.lora.dropout: adapter dropout is not supported (RL recipes run without it); "
+                          f"got {lo.dropout}, expected 0")  # fmt: skip
+    if not lo.targets:
+        raise ConfigError("model.lora.targets: name at least one group or module pattern, e.g. ['language_model']")
+    if cfg.model.freeze_prefixes:
+        raise ConfigError("model.freeze_prefixes: with LoRA only the adapters train already; drop freeze_prefixes "
+                          "or narrow model.lora.targets")  # fmt: skip
+    config_json = Path(cfg.model.path) / "config.json" if cfg.model.path else None
+    if config_json is not None and config_json.is_file():
+        from shared.models.qwen2_5_vl_config import Qwen25VLConfig
+        from shared.models.qwen2_5_vl_params import lora_modules
+
+        try:
+            lora_modules(Qwen25VLConfig.from_hf(config_json), lo.targets)
+        except ValueError as e:
+            raise ConfigError(f"model.lora.targets: {e}") from None
 
 
 # --------------------------------------------------------------------------- derived quantities

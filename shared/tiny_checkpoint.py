@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from shared.models import qwen2_5_vl_params as params_table
+from shared.models.qwen2_5_vl_config import Qwen25VLConfig
+
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
@@ -96,56 +99,14 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def _weights(spec: TinySpec, vocab: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(spec.seed)
+def _weights(config: dict, seed: int) -> dict[str, np.ndarray]:
+    """Every tensor of the parameter table, drawn in table order: norm scales near 1, the rest N(0, 0.02^2)."""
+    rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
-
-    def w(name: str, *shape: int, scale: float = 0.02) -> None:
-        out[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    def norm(name: str, dim: int) -> None:
-        out[name] = (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32)
-
-    D, H, KV = spec.text_hidden, spec.text_heads, spec.kv_heads
-    hd = D // H
-    w("model.embed_tokens.weight", vocab, D)
-    for i in range(spec.text_layers):
-        p = f"model.layers.{i}."
-        w(p + "self_attn.q_proj.weight", H * hd, D)
-        w(p + "self_attn.q_proj.bias", H * hd)
-        w(p + "self_attn.k_proj.weight", KV * hd, D)
-        w(p + "self_attn.k_proj.bias", KV * hd)
-        w(p + "self_attn.v_proj.weight", KV * hd, D)
-        w(p + "self_attn.v_proj.bias", KV * hd)
-        w(p + "self_attn.o_proj.weight", D, H * hd)
-        w(p + "mlp.gate_proj.weight", spec.text_intermediate, D)
-        w(p + "mlp.up_proj.weight", spec.text_intermediate, D)
-        w(p + "mlp.down_proj.weight", D, spec.text_intermediate)
-        norm(p + "input_layernorm.weight", D)
-        norm(p + "post_attention_layernorm.weight", D)
-    norm("model.norm.weight", D)
-    if not spec.tie_word_embeddings:
-        w("lm_head.weight", vocab, D)
-
-    V, VI = spec.vision_hidden, spec.vision_intermediate
-    w("visual.patch_embed.proj.weight", V, 3, 2, 14, 14)
-    for i in range(spec.vision_depth):
-        p = f"visual.blocks.{i}."
-        norm(p + "norm1.weight", V)
-        norm(p + "norm2.weight", V)
-        w(p + "attn.qkv.weight", 3 * V, V)
-        w(p + "attn.qkv.bias", 3 * V)
-        w(p + "attn.proj.weight", V, V)
-        w(p + "attn.proj.bias", V)
-        for name, shape in (("gate_proj", (VI, V)), ("up_proj", (VI, V)), ("down_proj", (V, VI))):
-            w(p + f"mlp.{name}.weight", *shape)
-            w(p + f"mlp.{name}.bias", shape[0])
-    M = V * 4  # 2x2 spatial merge
-    norm("visual.merger.ln_q.weight", V)
-    w("visual.merger.mlp.0.weight", M, M)
-    w("visual.merger.mlp.0.bias", M)
-    w("visual.merger.mlp.2.weight", D, M)
-    w("visual.merger.mlp.2.bias", D)
+    for e in params_table.name_table(Qwen25VLConfig.from_hf(config)):
+        noise = rng.standard_normal(e.hf_shape)
+        norm = e.flax_path[-1] == "scale"
+        out[e.hf_name] = (1.0 + 0.1 * noise if norm else 0.02 * noise).astype(np.float32)
     return out
 
 
@@ -212,7 +173,7 @@ def write_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
          "pad_token_id": config["pad_token_id"], "do_sample": False}, indent=2))  # fmt: skip
-    save_file(_weights(spec, vocab), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(_weights(config, spec.seed), str(out / "model.safetensors"), metadata={"format": "pt"})
 
     tok.save(str(out / "tokenizer.json"))
     added = {

@@ -15,7 +15,7 @@ from bridge.convert import to_hf
 from bridge.sync import WeightSync
 from bridge.verify import verify_weights, WeightMismatch
 from learner_jax.models.hf_io import load_checkpoint
-from learner_jax.models.hf_names import abstract_params
+from learner_jax.models.params import abstract_params
 from learner_jax.sharding import Strategy
 from rollout_torch.engine import EngineConfig, make_engine
 from shared.config import ShardingConfig

@@ -9,7 +9,8 @@ import pytest
 
 from bridge.sync import WeightSync
 from bridge.transport import DirectTransport
-from bridge.verify import LogprobProbe, WeightMismatch, learner_logprobs, verify_logprobs, verify_weights
+from bridge.verify import LogprobProbe, WeightMismatch, verify_logprobs, verify_weights
+from learner_jax.probe import learner_logprobs
 from learner_jax.models.hf_io import load_checkpoint
 from rollout_torch.processing import load_processor, messages_to_prompt, process, vision_inputs
 
@@ -82,7 +83,7 @@ def test_pushed_update_matches_learner_logprobs_and_checksums(engines, learner, 
           f"moved by the update {np.abs(after - before).max():.3f}")
     assert np.abs(after - before).max() > 0.05  # the push changed the policy the engine scores with
     assert np.abs(after - ours).max() <= 1e-3
-    assert verify_logprobs(engine, updated, cfg, probe) <= 1e-3
+    assert verify_logprobs(engine, learner_logprobs(updated, cfg, probe), probe) <= 1e-3
     with pytest.raises(WeightMismatch):
         verify_weights(engine, params, cfg)  # the old weights are no longer what the engine holds
 
@@ -95,7 +96,7 @@ def test_shm_transport_pushes_the_same_weights(engines, learner, probe, backend)
     report = WeightSync(engine, cfg, transport="shm", bucket_bytes=1 << 20).push(updated, version=12)
     assert report.transport == "shm" and report.engine_versions == [12]
     verify_weights(engine, updated, cfg)
-    assert verify_logprobs(engine, updated, cfg, probe) <= 1e-3
+    assert verify_logprobs(engine, learner_logprobs(updated, cfg, probe), probe) <= 1e-3
 
 
 @pytest.mark.parametrize("backend,flipped,named", [
@@ -133,7 +134,7 @@ def test_tied_model_push_keeps_lm_head_tied(tiny_ckpt_tied, rollout_images, roll
     updated = noisy(params, seed=5)
     WeightSync(engine, cfg, transport="direct").push(updated, version=1)
     verify_weights(engine, updated, cfg)  # includes lm_head.weight == the new embedding
-    assert verify_logprobs(engine, updated, cfg, probe) <= 1e-3
+    assert verify_logprobs(engine, learner_logprobs(updated, cfg, probe), probe) <= 1e-3
 
 
 def test_object_store_push_to_an_engine_actor(rollout_ray, tiny_ckpt, learner, probe):
@@ -146,7 +147,7 @@ def test_object_store_push_to_an_engine_actor(rollout_ray, tiny_ckpt, learner, p
         report = WeightSync(actor, cfg, transport="object_store", bucket_bytes=1 << 20).push(updated, version=3)
         assert report.transport == "object_store" and report.engine_versions == [3]
         verify_weights(actor, updated, cfg)
-        assert verify_logprobs(actor, updated, cfg, probe) <= 1e-3
+        assert verify_logprobs(actor, learner_logprobs(updated, cfg, probe), probe) <= 1e-3
     finally:
         rollout_ray.kill(actor.handle)
 
@@ -170,7 +171,7 @@ def test_object_store_push_through_the_rollout_service(rollout_ray, tiny_ckpt, l
         report = WeightSync(target, cfg, transport="object_store", bucket_bytes=1 << 20).push(updated, version=4)
         assert report.engine_versions == [4]
         verify_weights(target, updated, cfg)
-        assert verify_logprobs(target, updated, cfg, probe) <= 1e-3
+        assert verify_logprobs(target, learner_logprobs(updated, cfg, probe), probe) <= 1e-3
     finally:
         service.shutdown()
         rollout_ray.kill(service.handle)

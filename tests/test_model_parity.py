@@ -16,7 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from learner_jax.models.batch import build_batch
 from learner_jax.models.config import ModelOptions
 from learner_jax.models.hf_io import load_checkpoint
-from learner_jax.models.hf_names import flax_to_hf
+from shared.models.qwen2_5_vl_params import flax_to_hf
 from learner_jax.models.qwen2_5_vl import forward, forward_logprobs
 from shared.records import VisionInputs
 

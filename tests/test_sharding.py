@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from learner_jax import memory
 from learner_jax.models.config import Qwen25VLConfig
-from learner_jax.models.hf_names import abstract_params
+from learner_jax.models.params import abstract_params
 from learner_jax.optim import make_optimizer
 from learner_jax.sharding import PARAM_RULES, Strategy, TrainStep, axis_sizes, batch_spec, leaf_spec, path_str
 from shared.config import OptimConfig, ShardingConfig, load_config
@@ -35,7 +35,7 @@ def test_every_parameter_matches_exactly_one_rule(model):
     params = abstract_params(model, include_value_head=True)
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = path_str(path)
-        hits = [pattern for pattern, _ in PARAM_RULES if re.search(rf"(?:^|/){pattern}$", name)]
+        hits = [pattern for pattern, _, _ in PARAM_RULES if re.search(rf"(?:^|/){pattern}$", name)]
         assert len(hits) == 1, (name, hits)
     specs = _specs(_plan("tensor", model, data=4, tensor=2), value_head=True)  # every template fits its leaf
     assert len(specs) == len(jax.tree.leaves(params))

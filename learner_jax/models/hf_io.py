@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from .config import Qwen25VLConfig
-from .hf_names import Params, hf_to_flax
+from shared.models.qwen2_5_vl_params import Params, hf_to_flax
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,

@@ -4,17 +4,20 @@ Runs on one concatenation of the batch's images, ordered and grouped by a host-s
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from .attention import AttentionFn, get_attention
-from .config import ModelOptions, VisionConfig
-from .layers import linear, rms_norm, scan_layers, swiglu
+from .config import ModelOptions, Qwen25VLConfig, VisionConfig
+from .layers import Linear, RMSNorm, SwiGLU, param, scan_layers, stack
+from .lora import LoraSpec
 from .rope import apply_rope, vision_cos_sin
 
 _EPS = 1e-6  # fixed in the reference vision tower, not configurable
+BLOCKS = "visual/blocks"
 
 
 def group_attention(q_PHK, k_PHK, v_PHK, idx_GS, attn: AttentionFn):
@@ -27,15 +30,58 @@ def group_attention(q_PHK, k_PHK, v_PHK, idx_GS, attn: AttentionFn):
     return jnp.zeros_like(q_PHK).at[idx_GS].set(o_GSHK, mode="drop")
 
 
-def _block(x_PD, p, cos_PK, sin_PK, idx_GS, cfg: VisionConfig, attn: AttentionFn):
-    P, H = x_PD.shape[0], cfg.num_heads
-    h_PD = rms_norm(x_PD, p["norm1"]["scale"], _EPS)
-    qkv_P3HK = linear(h_PD, p["attn"]["qkv"]).reshape(P, 3, H, cfg.head_dim)
-    # RoPE in float32 then back to the compute dtype, as the reference does.
-    rope = lambda t: apply_rope(t.astype(jnp.float32), cos_PK, sin_PK).astype(x_PD.dtype)  # noqa: E731
-    o_PHK = group_attention(rope(qkv_P3HK[:, 0]), rope(qkv_P3HK[:, 1]), qkv_P3HK[:, 2], idx_GS, attn)
-    x_PD = x_PD + linear(o_PHK.reshape(P, -1), p["attn"]["proj"])
-    return x_PD + swiglu(rms_norm(x_PD, p["norm2"]["scale"], _EPS), p["mlp"])
+class VisionAttention(nnx.Module):
+    """Fused qkv projection, 2-D RoPE on q and k, attention within the plan's groups, output projection."""
+
+    def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, lora: Optional[LoraSpec] = None):
+        self.num_heads, self.head_dim = cfg.vision.num_heads, cfg.vision.head_dim
+        self.qkv = Linear(cfg, f"{BLOCKS}/attn/qkv", rngs=rngs, lora=lora)
+        self.proj = Linear(cfg, f"{BLOCKS}/attn/proj", rngs=rngs, lora=lora)
+
+    def __call__(self, h_PD, cos_PK, sin_PK, idx_GS, attn: AttentionFn) -> jnp.ndarray:
+        P = h_PD.shape[0]
+        qkv_P3HK = self.qkv(h_PD).reshape(P, 3, self.num_heads, self.head_dim)
+        # RoPE in float32 then back to the compute dtype, as the reference does.
+        rope = lambda t: apply_rope(t.astype(jnp.float32), cos_PK, sin_PK).astype(h_PD.dtype)  # noqa: E731
+        o_PHK = group_attention(rope(qkv_P3HK[:, 0]), rope(qkv_P3HK[:, 1]), qkv_P3HK[:, 2], idx_GS, attn)
+        return self.proj(o_PHK.reshape(P, -1))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, lora: Optional[LoraSpec] = None):
+        self.norm1 = RMSNorm(cfg, f"{BLOCKS}/norm1", _EPS, rngs=rngs)
+        self.attn = VisionAttention(cfg, rngs=rngs, lora=lora)
+        self.norm2 = RMSNorm(cfg, f"{BLOCKS}/norm2", _EPS, rngs=rngs)
+        self.mlp = SwiGLU(cfg, f"{BLOCKS}/mlp", rngs=rngs, lora=lora)
+
+    def __call__(self, x_PD, cos_PK, sin_PK, idx_GS, attn: AttentionFn) -> jnp.ndarray:
+        x_PD = x_PD + self.attn(self.norm1(x_PD), cos_PK, sin_PK, idx_GS, attn)
+        return x_PD + self.mlp(self.norm2(x_PD))
+
+
+class PatchEmbed(nnx.Module):
+    """The reference's Conv3d with kernel == stride, as a matmul over flattened patches [P, C*t*p*p]."""
+
+    def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs):
+        self.kernel = param(cfg, "visual/patch_embed/kernel", nnx.initializers.lecun_normal(), rngs)
+
+    def __call__(self, pixels_PC: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.kernel[...]
+        return pixels_PC.astype(kernel.dtype) @ kernel
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then each 2x2 group of neighbouring patches concatenated and sent through a GELU MLP."""
+
+    def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, lora: Optional[LoraSpec] = None):
+        self.unit_dim = cfg.vision.hidden_size * cfg.vision.merge_unit
+        self.norm = RMSNorm(cfg, "visual/merger/norm", _EPS, rngs=rngs)
+        self.fc1 = Linear(cfg, "visual/merger/fc1", rngs=rngs, lora=lora)
+        self.fc2 = Linear(cfg, "visual/merger/fc2", rngs=rngs, lora=lora)
+
+    def __call__(self, x_PD: jnp.ndarray) -> jnp.ndarray:
+        h_MU = self.norm(x_PD).reshape(-1, self.unit_dim)
+        return self.fc2(jax.nn.gelu(self.fc1(h_MU), approximate=False))
 
 
 def _runs(cfg: VisionConfig) -> list[tuple[int, int, bool]]:
@@ -49,19 +95,22 @@ def _runs(cfg: VisionConfig) -> list[tuple[int, int, bool]]:
     return runs
 
 
-def vision_tower(p: dict[str, Any], pixels_PC, plan: dict[str, jnp.ndarray], cfg: VisionConfig,
-                 opts: ModelOptions) -> jnp.ndarray:  # fmt: skip
-    """Merged image features [P / 4, out_hidden] in the processor's (and the `<|image_pad|>` tokens') order."""
-    dtype = p["patch_embed"]["kernel"].dtype
-    # Patch embedding acts row by row, so reordering the pixels first equals reordering its output.
-    x_PD = pixels_PC[plan["vision_perm_P"]].astype(dtype) @ p["patch_embed"]["kernel"]
-    cos_PK, sin_PK = vision_cos_sin(plan["vision_pos_P2"], cfg)
-    attn = get_attention(opts.attention)
-    for start, end, full in _runs(cfg):
-        idx_GS = plan["vision_image_idx_GS"] if full else plan["vision_window_idx_GS"]
-        layer = lambda x, bp, idx_GS=idx_GS: _block(x, bp, cos_PK, sin_PK, idx_GS, cfg, attn)  # noqa: E731
-        x_PD = scan_layers(layer, x_PD, jax.tree.map(lambda a: a[start:end], p["blocks"]), opts)
-    m = p["merger"]
-    h_MU = rms_norm(x_PD, m["norm"]["scale"], _EPS).reshape(-1, cfg.hidden_size * cfg.merge_unit)
-    out_MD = linear(jax.nn.gelu(linear(h_MU, m["fc1"]), approximate=False), m["fc2"])
-    return out_MD[plan["vision_unperm_M"]]
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, lora: Optional[LoraSpec] = None):
+        self.cfg = cfg.vision
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+        self.blocks = stack(lambda r: VisionBlock(cfg, rngs=r, lora=lora), cfg.vision.depth, rngs)
+        self.merger = PatchMerger(cfg, rngs=rngs, lora=lora)
+
+    def __call__(self, pixels_PC, plan: dict[str, jnp.ndarray], opts: ModelOptions) -> jnp.ndarray:
+        """Merged image features [P / 4, out_hidden] in the processor's (and the `<|image_pad|>` tokens') order."""
+        # Patch embedding acts row by row, so reordering the pixels first equals reordering its output.
+        x_PD = self.patch_embed(pixels_PC[plan["vision_perm_P"]])
+        cos_PK, sin_PK = vision_cos_sin(plan["vision_pos_P2"], self.cfg)
+        attn = get_attention(opts.attention)
+        # One scan per run of same-kind blocks: full-attention blocks group by image, the others by window.
+        for start, end, full in _runs(self.cfg):
+            idx_GS = plan["vision_image_idx_GS"] if full else plan["vision_window_idx_GS"]
+            block = lambda x, mod, idx_GS=idx_GS: mod(x, cos_PK, sin_PK, idx_GS, attn)  # noqa: E731
+            x_PD = scan_layers(block, x_PD, self.blocks, opts, start, end)
+        return self.merger(x_PD)[plan["vision_unperm_M"]]

@@ -1,4 +1,4 @@
-"""The HF <-> Flax name table: loading, bit-exact round trip, errors naming the offending keys, sharded and
+"""The model's parameter table (HF <-> Flax): loading, bit-exact round trip, errors naming the offending keys, sharded and
 bfloat16 checkpoints."""
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from safetensors.torch import save_file as torch_save_file
 
 from learner_jax.models.config import Qwen25VLConfig
 from learner_jax.models.hf_io import load_checkpoint, read_checkpoint_tensors, read_safetensors
-from learner_jax.models.hf_names import abstract_params, flax_to_hf, hf_to_flax
+from learner_jax.models.params import abstract_params
+from shared.models.qwen2_5_vl_params import flax_to_hf, hf_to_flax
 
 
 def _tensors(ckpt):
@@ -110,3 +111,45 @@ def test_missing_checkpoint_file_is_reported(tmp_path):
     save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         read_checkpoint_tensors(tmp_path)
+
+
+# --------------------------------------------------------------------------- the table's other columns
+
+from shared.models import qwen2_5_vl_params as table  # noqa: E402
+from learner_jax import memory  # noqa: E402
+
+QWEN_3B = Qwen25VLConfig.from_hf(memory.PRESETS["qwen2.5-vl-3b"])
+
+
+def test_every_row_declares_one_axis_per_flax_dim_and_leaf_matches_the_table():
+    for r in table.RULES:
+        leaf = table.leaf(QWEN_3B, r.flax)
+        assert len(r.axes) == len(leaf.shape), r.flax
+    q = table.leaf(QWEN_3B, "text/layers/q/kernel")
+    assert q.full_shape == (36, 2048, 2048) and q.axes == (None, "heads") and q.stack == "text"
+    with pytest.raises(KeyError, match="no Qwen2.5-VL parameter"):
+        table.leaf(QWEN_3B, "text/layers/q/weight")
+
+
+def test_engine_names_round_trip_and_fuse_like_vllm():
+    assert table.engine_name("vllm", "model.layers.3.self_attn.k_proj.bias") == \
+        "language_model.model.layers.3.self_attn.qkv_proj.bias"
+    assert table.engine_name("vllm", "visual.blocks.0.mlp.up_proj.weight") == "visual.blocks.0.mlp.gate_up_proj.weight"
+    assert table.engine_name("vllm", "lm_head.weight") == "language_model.lm_head.weight"
+    assert table.engine_name("transformers", "visual.merger.mlp.0.bias") == "model.visual.merger.mlp.0.bias"
+    for e in table.name_table(QWEN_3B):
+        assert table.hub_name("transformers", table.engine_name("transformers", e.hf_name)) == e.hf_name
+        assert table.hub_name("hub", e.hf_name) == e.hf_name
+
+
+def test_lora_targets_resolve_to_whole_stacked_modules():
+    assert table.lora_modules(QWEN_3B, ["q_proj", "v_proj"]) == {"text/layers/q", "text/layers/v"}
+    assert table.lora_modules(QWEN_3B, ["model.layers.*.mlp.*"]) == {
+        "text/layers/mlp/gate", "text/layers/mlp/up", "text/layers/mlp/down"}
+    assert table.lora_modules(QWEN_3B, ["language_model"]) == table.lora_modules(QWEN_3B, ["model.layers.*"])
+    every = table.lora_modules(QWEN_3B, ["all-linear"])
+    assert "visual/blocks/attn/qkv" in every and "visual/merger/fc1" in every and len(every) == 7 + 5 + 2
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        table.lora_modules(QWEN_3B, ["qkv_proj"])
+    with pytest.raises(ValueError, match="only some layers"):
+        table.lora_modules(QWEN_3B, ["model.layers.1.*"])
