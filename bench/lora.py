@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -93,6 +94,7 @@ def accuracy(seeds: list[int], rank: int, alpha: float, lr: float) -> dict:
             rollout.close()
 
     result = {"warm_start": evaluate(str(warm)), "runs": []}
+    shutil.rmtree(ROOT / ".cache" / "bench" / "lora", ignore_errors=True)  # stages refuse a used checkpoint dir
     for seed in seeds:
         c = copy.deepcopy(cfg)
         c.train.seed, c.actor.lr = seed, lr

@@ -9,6 +9,9 @@ after a training-like update into engines holding the same model:
     direct        transformers engine in this process (and the vLLM engine, unless --no-vllm)
     shm           transformers engine in this process, through a safetensors file in /dev/shm
     object_store  transformers engine in a Ray actor (bridge.receiver.EngineHost), through one ray.put per bucket
+    collective    the same actor (and the in-process vLLM engine, unless --no-vllm), through the gloo broadcast
+                  group the bridge's sender actor opens per engine (bridge.collective): ray.put per bucket to the
+                  sender, broadcast over loopback TCP, received into fresh tensors, then the engine's load
 
 Each row: the best and median seconds of `repeats` pushes after one warm-up push, the bytes moved, and the ratio to
 `np.copyto` of the same bytes into preallocated arrays, timed in the same run next to each row (best of 5). A push includes gathering
@@ -134,15 +137,21 @@ def run(args: argparse.Namespace, workdir: Path, t_start: float) -> None:
     actor = spawn("bridge.receiver:EngineHost", "transformers", {"model_path": ckpt})
     add("object_store", "transformers (Ray actor)",
         WeightSync(actor, cfg, transport="object_store", bucket_bytes=BUCKET_BYTES))  # fmt: skip
+    sync = WeightSync(actor, cfg, transport="collective", bucket_bytes=BUCKET_BYTES)
+    add("collective", "transformers (Ray actor, gloo)", sync)
+    sync.close()
     import ray
 
     ray.kill(actor.handle)
-    ray.shutdown()
 
     if not args.no_vllm:
         vllm = make_engine("vllm", EngineConfig(ckpt, kv_cache_bytes=256 << 20, max_model_len=2048))
         add("direct", "vllm", WeightSync(vllm, cfg, transport="direct", bucket_bytes=BUCKET_BYTES))
+        sync = WeightSync(vllm, cfg, transport="collective", bucket_bytes=BUCKET_BYTES)
+        add("collective", "vllm (gloo, worker extension)", sync)
+        sync.close()
         vllm.close()
+    ray.shutdown()
 
     result = {
         "model": {"text_hidden": args.hidden, "text_layers": args.layers, "flax_leaves": len(leaves),

@@ -14,7 +14,6 @@ The critic's value head is never part of the policy. Tied models have no `lm_hea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
@@ -112,11 +111,31 @@ def host_view(leaf: Any) -> Optional[np.ndarray]:
     return None
 
 
-@partial(jax.jit, static_argnames=("stacked", "layout", "hf_shape", "dtype"))
-def _to_hf_on_device(leaf, index, *, stacked: bool, layout: str, hf_shape: tuple[int, ...], dtype: str):
+def _to_hf(leaf, index, *, stacked: bool, layout: str, hf_shape: tuple[int, ...], dtype: str):
     # The stacking axis is never sharded by the learner's rules, so each device slices its own shard locally.
     x = jax.lax.dynamic_index_in_dim(leaf, index, 0, keepdims=False) if stacked else leaf
     return LAYOUTS[layout].to_hf(x, hf_shape).astype(jnp.dtype(dtype))
+
+
+_STATIC = ("stacked", "layout", "hf_shape", "dtype")
+_to_hf_on_device = jax.jit(_to_hf, static_argnames=_STATIC)
+_to_hf_replicated: dict[Any, Any] = {}  # mesh -> the same program with its output replicated on that mesh
+
+
+def _converter(leaf: jax.Array):
+    """The per-tensor program for `leaf`. A leaf spread over several processes (a multi-process learner) gets its
+    output replicated, so every process holds the whole tensor locally; every process must run the same programs
+    in the same order (`WeightSync` with `sender=False` on all but one)."""
+    if leaf.is_fully_addressable:
+        return _to_hf_on_device
+    mesh = getattr(leaf.sharding, "mesh", None)
+    if mesh is None:
+        devices = sorted(leaf.sharding.device_set, key=lambda d: d.id)
+        mesh = jax.sharding.Mesh(np.array(devices), ("all",))
+    if mesh not in _to_hf_replicated:
+        out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        _to_hf_replicated[mesh] = jax.jit(_to_hf, static_argnames=_STATIC, out_shardings=out)
+    return _to_hf_replicated[mesh]
 
 
 def gather(params: Params, entries: Sequence[Entry], dtype: Optional[np.dtype], *, on_device: bool = False,
@@ -137,7 +156,7 @@ def gather(params: Params, entries: Sequence[Entry], dtype: Optional[np.dtype], 
             out.append(w if defer_layout else WireTensor(e.hf_name, hf_layout(w), None, e.hf_shape))
             continue
         leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
-        y = _to_hf_on_device(leaf, e.index or 0, stacked=e.index is not None, layout=e.layout.name,
+        y = _converter(leaf)(leaf, e.index or 0, stacked=e.index is not None, layout=e.layout.name,
                              hf_shape=e.hf_shape, dtype=(dtype or np.dtype(leaf.dtype)).name)  # fmt: skip
         pending.append(len(out))
         out.append(WireTensor(e.hf_name, y, None, e.hf_shape))

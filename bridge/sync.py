@@ -57,11 +57,19 @@ class WeightSync:
 
     `transport`: "direct" | "object_store" | "shm" | "nccl" or a `Transport`; `transport_options` go to it.
     `dtype`: the engines' weight dtype ("bfloat16", "float32", ...); None sends the params' dtype.
+    `sender=False`: a learner process other than the one that reaches the engines (multi-process learner, params
+    spread over processes). It has no target (None); `push` and `verify` only run the per-tensor gather programs,
+    in the same order as the sender, because every process must take part in them, and send nothing.
     """
 
     def __init__(self, target: Any, model_cfg: Qwen25VLConfig, *, bucket_bytes: int = 256 << 20,
                  transport: str | Transport = "object_store", dtype: Any = None, prefetch: bool = True,
-                 **transport_options: Any):  # fmt: skip
+                 sender: bool = True, **transport_options: Any):  # fmt: skip
+        self.sender = sender
+        if not sender:
+            self.target, self.cfg, self.bucket_bytes, self.prefetch = target, model_cfg, int(bucket_bytes), prefetch
+            self.dtype, self.transport, self.entries = resolve_dtype(dtype), None, policy_entries(model_cfg)
+            return
         if not callable(getattr(target, "update_weights", None)):
             raise TypeError(f"target {type(target).__name__} has no update_weights(named, version, final)")
         self.target = target
@@ -91,6 +99,12 @@ class WeightSync:
             raise ValueError(f"policy version must be a non-negative int, got {version!r}")
         start = time.perf_counter()
         buckets = self.plan(params)
+        if not self.sender:
+            self._gather_only(params)
+            seconds = time.perf_counter() - start
+            return PushReport(version=version, transport="none", dtype=self.dtype.name if self.dtype else "params",
+                              tensors=len(self.entries), buckets=len(buckets), bytes=0, max_bucket_bytes=0,
+                              seconds=seconds, gather_seconds=seconds, send_seconds=0.0)  # fmt: skip
         gather_s = send_s = 0.0
         sent = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-gather") as pool:
@@ -135,6 +149,9 @@ class WeightSync:
         learner's log-probabilities of its response); raises `bridge.verify.WeightMismatch` / `LogprobMismatch`."""
         from .verify import verify_logprobs, verify_weights
 
+        if not self.sender:  # the sender's checksum pass gathers every tensor once, in table order
+            self._gather_only(params)
+            return {"tensors": len(self.entries)}
         out: dict[str, Any] = {"tensors": verify_weights(self.target, params, self.cfg, dtype=self.dtype, exact=exact)}
         if probe is not None:
             if probe_logprobs is None:
@@ -142,5 +159,11 @@ class WeightSync:
             out["logprob_max_abs_diff"] = verify_logprobs(self.target, probe_logprobs, probe, atol=atol)
         return out
 
+    def _gather_only(self, params: Params) -> None:
+        """Run the per-tensor programs a push (or checksum pass) runs, in the same order, and drop the results."""
+        for bucket in self.plan(params):
+            gather(params, bucket.entries, self.dtype)
+
     def close(self) -> None:
-        self.transport.close()
+        if self.transport is not None:
+            self.transport.close()

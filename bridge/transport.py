@@ -1,5 +1,6 @@
-"""How a bucket reaches `target.update_weights(tensors, version, final)`: one small interface, three host routes
-(the GPU route is `bridge.nccl`).
+"""How a bucket reaches `target.update_weights(tensors, version, final)`: one small interface, three host routes,
+and the collective route (`bridge.collective`: a broadcast group per engine, gloo on CPU, NCCL on GPU via
+`bridge.nccl`).
 
     direct        the bucket object itself (`payload.Tensors`): an engine in this process, or pickled along with
                   the call to an engine actor
@@ -25,7 +26,7 @@ from typing import Any, Optional
 
 from .payload import ShmTensors, Tensors, WireTensor, write_safetensors
 
-TRANSPORTS = ("direct", "object_store", "shm", "nccl")
+TRANSPORTS = ("direct", "object_store", "shm", "collective", "nccl")
 
 
 class Transport(ABC):
@@ -118,7 +119,9 @@ class ShmTransport(Transport):
 
 
 def make_transport(transport: str | Transport, target: Any = None, **options: Any) -> Transport:
-    """A transport by name (`TRANSPORTS`) or an instance passed through. "nccl" options: see `bridge.nccl`."""
+    """A transport by name (`TRANSPORTS`) or an instance passed through. "collective" is NCCL when the learner's
+    arrays are on CUDA GPUs (`bridge.nccl`), else gloo through a sender actor (`bridge.collective`); options: see
+    those modules. "nccl" forces the GPU form."""
     if isinstance(transport, Transport):
         return transport
     if transport == "direct":
@@ -127,6 +130,15 @@ def make_transport(transport: str | Transport, target: Any = None, **options: An
         return ObjectStoreTransport()
     if transport == "shm":
         return ShmTransport(**options)
+    if transport == "collective":
+        import jax
+
+        if any(d.platform == "gpu" for d in jax.devices()):
+            transport = "nccl"
+        else:
+            from .collective import GlooTransport
+
+            return GlooTransport(target, **options)
     if transport == "nccl":
         from .nccl import NcclTransport
 

@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(cfg)
         return 0
-    from learner_jax.trainer import train
+    from learner_jax.launch import launch
 
-    train(cfg, resume=args.load_checkpoint)
+    launch(cfg, resume=args.load_checkpoint)  # in this process, or learner.num_processes Ray actors
     return 0
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
+import time
 from typing import Any, Optional
 
 import ray
@@ -26,8 +28,12 @@ WORKER_ENV = {
 
 
 def start_ray(cfg: RayConfig) -> None:
+    """Start a local Ray, or join `cfg.address` ("host:port" of a head node, or "auto"); an address that does not
+    answer within `cfg.connect_timeout_s` raises ConnectionError naming it instead of waiting."""
     if ray.is_initialized():
         return
+    if cfg.address not in (None, "auto", "local") and not cfg.address.startswith("ray://"):
+        check_reachable(cfg.address, cfg.connect_timeout_s)
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
     env = {k: os.environ[k] for k in WORKER_ENV} | {
@@ -38,6 +44,23 @@ def start_ray(cfg: RayConfig) -> None:
         _temp_dir=cfg.temp_dir if cfg.address is None else None, log_to_driver=True,
         runtime_env={"env_vars": env},
     )  # fmt: skip
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"ray.address {address!r}: expected host:port of a Ray head node, or auto")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"ray.address {address}: no Ray head answers there ({exc}) after "
+                                      f"{timeout_s:.0f} s; start one with `ray start --head --port={port}` "
+                                      f"or fix the address") from None  # fmt: skip
+            time.sleep(1.0)
 
 
 @ray.remote

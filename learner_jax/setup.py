@@ -1,6 +1,10 @@
 """A run in two parts: `Run`, what is built once (compiled learner, engines, scorer, logger, checkpointer), and
 `LoopState`, what the loop changes (actor, critic, optimizer states, policy version, iteration, sampler, KL
 coefficient, RNG), which is exactly what a checkpoint holds. `trainer.train` drives both; tests drive the parts.
+
+With several learner processes (`learner_jax.launch`) every process builds the same `Run` and `LoopState` and runs
+the same compiled programs on one mesh over all their devices; only process 0 (`Run.leader`) holds the rollout
+service, the scorer and the logger, and shares each rollout's samples and scores with the others (`Run.share`).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from .models.qwen2_5_vl import init_value_head
 from .optim import make_optimizer
 from .placement import spawn, start_ray
 from .rl.kl import make_kl_controller
-from .sharding import Strategy, device_bytes
+from .sharding import Strategy, broadcast_object, device_bytes, host_copy
 
 
 def frozen_predicate(model_cfg, prefixes: list[str]):
@@ -100,13 +104,14 @@ class Run:
     learner: Learner
     ref_params: Any
     lr_actor: Any
-    rollout: Any  # proxy of rollout_torch.service.RolloutService in a Ray actor
+    rollout: Any  # proxy of rollout_torch.service.RolloutService in a Ray actor (None outside process 0)
     sync: Any
-    scorer: Any
+    scorer: Any  # None outside process 0
     ckpt: Checkpointer
-    logger: MetricsLogger
+    logger: Optional[MetricsLogger]  # None outside process 0
     total_rollouts: int
     lora: Optional[LoraSpec] = None
+    leader: bool = True  # learner process 0: engines, rewards, metrics, evaluation, console
 
     def __post_init__(self) -> None:
         if self.lora is not None:
@@ -138,6 +143,10 @@ class Run:
 
     def row_record(self, row: PromptRow, it: int, k: int) -> dict:
         return {"messages": row.messages, "label": row.label, "uid": it * self.cfg.rollout.rollout_batch_size + k}
+
+    def share(self, *objs: Any) -> Any:
+        """Process 0's objects (samples, vision inputs, scores) in every learner process; as given when alone."""
+        return broadcast_object(objs if self.leader else None)
 
     def batches(self, exp: Experience) -> RolloutBatches:
         return RolloutBatches(exp, self.micro_batch, self.model_cfg, self.learner.pad_token_id, self.learner.strategy)
@@ -250,7 +259,8 @@ class Run:
             m["throughput/generate_tokens_per_s"] = float(exp.response_lengths.sum()) / max(timer.seconds["generate"], 1e-9)
         if "update" in timer.seconds:
             m["throughput/update_tokens_per_s"] = float(sum(map(len, exp.token_ids))) / max(timer.seconds["update"], 1e-9)
-        self.logger.log(it, m)
+        if self.logger is not None:
+            self.logger.log(it, m)
         return m
 
     def memory(self, state: LoopState) -> dict[str, int]:
@@ -273,17 +283,27 @@ class Run:
         self.sync.verify(weights)
 
     def evaluate(self, iteration: int) -> None:
+        if not self.leader:  # engines only: no learner program runs, the other processes go on
+            return
         from .evaluate import evaluate_files
 
         evaluate_files(self.cfg, self.rollout, self.cfg.data.eval_files, step=iteration, logger=self.logger)
 
     def finish(self, state: LoopState) -> None:
         if self.cfg.train.export_dir:
-            export_hf(self.policy_weights(state), self.model_cfg, self.cfg.model.path, self.cfg.train.export_dir,
-                      adapters=state.actor.params if self.lora else None, lora=self.lora)  # fmt: skip
-        self.logger.close()
+            weights, adapters = self.policy_weights(state), state.actor.params if self.lora else None
+            if jax.process_count() > 1:  # params spread over processes: every process gathers, process 0 writes
+                weights, adapters = host_copy((weights, adapters))
+            if self.leader:
+                export_hf(weights, self.model_cfg, self.cfg.model.path, self.cfg.train.export_dir, adapters=adapters,
+                          lora=self.lora)  # fmt: skip
+        if self.logger is not None:
+            self.logger.close()
         self.ckpt.close()
-        self.rollout.close()
+        if self.sync is not None:
+            self.sync.close()  # the collective route's sender actor
+        if self.rollout is not None:
+            self.rollout.close()
         if hasattr(self.scorer, "close"):
             self.scorer.close()
 
@@ -305,7 +325,8 @@ def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
     from bridge.sync import WeightSync
     from bridge.targets import ServiceTarget
 
-    start_ray(cfg.ray)
+    start_ray(cfg.ray)  # joins the session when called inside a learner actor
+    leader = jax.process_index() == 0
     model_cfg, params = load_checkpoint(cfg.model.path)
     opts = ModelOptions(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention)
     d = cfg.data
@@ -341,8 +362,8 @@ def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
         critic_params = strategy.place(critic_params, strategy.param_shardings(critic_params))
         tx_critic, _ = make_optimizer(cfg.critic, total_steps, critic_params, frozen)
 
-    rollout = spawn("rollout_torch.service:RolloutService", cfg.to_dict(), num_cpus=0)
-    pad = rollout.token_info()["pad_token_id"]
+    rollout = spawn("rollout_torch.service:RolloutService", cfg.to_dict(), num_cpus=0) if leader else None
+    pad = broadcast_object(rollout.token_info()["pad_token_id"] if leader else None)
     learner = Learner(model_cfg, opts, cfg.algo, strategy, pad, r.n_samples_per_prompt, tx_actor, params,
                       tx_critic, critic_params, actor_frozen=base, lora=lora)  # fmt: skip
     actor = TrainState(params, learner.actor_step.init_opt_state(params))
@@ -353,12 +374,15 @@ def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
         cfg=cfg, model_cfg=model_cfg, learner=learner,
         ref_params=(_copy(params) if base is None else base) if cfg.uses_reference else None,
         lr_actor=lr_actor, rollout=rollout,
-        sync=WeightSync(ServiceTarget(rollout, r.backend), model_cfg, dtype=r.dtype),
-        scorer=make_scorer(cfg.reward), ckpt=Checkpointer(t.ckpt_dir, t.max_ckpts),
-        logger=MetricsLogger(t.log_dir, t.wandb_project, cfg.name, cfg.to_dict()), total_rollouts=total_rollouts,
-        lora=lora,
+        sync=(WeightSync(ServiceTarget(rollout, r.backend), model_cfg, dtype=r.dtype, transport=r.weight_transport)
+              if leader
+              else WeightSync(None, model_cfg, dtype=r.dtype, sender=False)),
+        scorer=make_scorer(cfg.reward) if leader else None, ckpt=Checkpointer(t.ckpt_dir, t.max_ckpts),
+        logger=MetricsLogger(t.log_dir, t.wandb_project, cfg.name, cfg.to_dict()) if leader else None,
+        total_rollouts=total_rollouts, lora=lora, leader=leader,
     )  # fmt: skip
-    (run.logger.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # as resolved
+    if leader:
+        (run.logger.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # as resolved
     state = LoopState(actor=actor, critic=critic, sampler=sampler, kl_ctl=make_kl_controller(cfg.algo),
                       rng=np.random.default_rng(t.seed))  # fmt: skip
     if resume:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -80,19 +81,86 @@ def tensor_units(cfg: Qwen25VLConfig) -> dict[str, int]:
 
 
 def initialize_distributed(coordinator_address: Optional[str], num_processes: int = 1, process_id: int = 0,
-                           local_device_ids: Optional[Sequence[int]] = None) -> None:  # fmt: skip
+                           local_device_ids: Optional[Sequence[int]] = None,
+                           timeout_s: Optional[float] = None) -> None:  # fmt: skip
     """Join a multi-host JAX runtime; a no-op for a single process (`coordinator_address` None).
 
     Every learner process calls this before touching devices, with the same `coordinator_address`
     ("host:port" of process 0) and its own `process_id`; under Ray the driver hands these to each learner
-    actor. Afterwards `jax.devices()` lists all hosts' devices and `make_mesh` spans them.
+    actor (`learner_jax.launch`). Afterwards `jax.devices()` lists all hosts' devices and `make_mesh` spans them.
+    On CPU the processes' collectives go through gloo. `timeout_s` bounds the wait for the coordinator and the
+    other processes (jax's `initialization_timeout`); a coordinator that does not answer raises a
+    `TimeoutError` naming the address instead of hanging.
     """
     if coordinator_address is None:
         if num_processes != 1:
             raise ValueError(f"num_processes={num_processes} needs a coordinator_address (host:port of process 0)")
         return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    if process_id != 0 and deadline is not None:
+        # jax's client aborts the whole process (no exception) when the coordinator misses its deadline, so the
+        # address is probed first: a coordinator that never listens fails here, in Python, naming it.
+        wait_for_coordinator(coordinator_address, deadline, f"learner process {process_id}/{num_processes}")
+    kwargs: dict[str, Any] = {}
+    if deadline is not None:  # what is left of the budget; jax takes whole seconds
+        kwargs["initialization_timeout"] = max(1, int(math.ceil(deadline - time.monotonic())))
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)  # fmt: skip
+                               process_id=process_id, local_device_ids=local_device_ids, **kwargs)  # fmt: skip
+
+
+def wait_for_coordinator(address: str, deadline: float, who: str = "this process") -> None:
+    """Block until `address` ("host:port") accepts a TCP connection; `TimeoutError` naming it at `deadline`."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    start = time.monotonic()
+    last: Optional[BaseException] = None
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"{who}: the JAX coordinator at {address} did not answer within {deadline - start:.0f}s "
+                f"(learner.coordinator_timeout_s); last error: {last}. Is learner process 0 running, and is the "
+                f"port reachable from this node?"
+            )
+        time.sleep(0.2)
+
+
+def is_leader() -> bool:
+    """True in learner process 0 (the only one in a single-process run): it owns engines, rewards and logs."""
+    return jax.process_index() == 0
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Process 0's `obj` in every learner process (pickled bytes through a device broadcast); the object itself
+    when there is a single process. Every process must call it at the same point of the program."""
+    if jax.process_count() == 1:
+        return obj
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if jax.process_index() == 0 else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(payload))))
+    buf = np.zeros(1 << max(size - 1, 1).bit_length(), np.uint8)  # powers of two: few shapes, few compilations
+    if jax.process_index() == 0:
+        buf[:size] = np.frombuffer(payload, np.uint8)
+    return pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:size].tobytes())
+
+
+def host_copy(tree: Any) -> Any:
+    """A tree of (possibly cross-process) arrays as numpy in every process; a collective when processes > 1."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def simulated_cpu_env(num_devices: int) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 `train(cfg)` reads top to bottom as one iteration does. The pieces live beside it: `setup.py` builds the run once
 and holds the loop's state, `learner.py` the compiled passes and steps, `experience.py` the batch layout.
+Under several learner processes (`launch.py`) every process runs this loop; process 0 (`run.leader`) alone
+generates, scores, logs, evaluates and shows progress, and shares the rollout with the others (`run.share`).
 """
 from __future__ import annotations
 
@@ -21,20 +23,25 @@ def train(cfg: Config, resume: bool = False) -> dict:
     run, state = build_run(cfg, resume=resume)  # once: Ray, engines, compiled learner, scorer, logger; state: the rest
     r, t = cfg.rollout, cfg.train
     n = r.n_samples_per_prompt
-    bar = trange(state.iteration, run.total_rollouts, desc=cfg.name, initial=state.iteration, total=run.total_rollouts)
+    bar = trange(state.iteration, run.total_rollouts, desc=cfg.name, initial=state.iteration, total=run.total_rollouts,
+                 disable=not run.leader)  # fmt: skip
     last: dict = {}
     for it in bar:
         timer = run.new_timer()
         # 1. rollout: n samples per prompt from the engines, which hold policy version `state.version`
-        rows = state.sampler.take(r.rollout_batch_size)
-        with timer("generate"):
-            prompts = run.rollout.prompts([run.row_record(row, it, k) for k, row in enumerate(rows)])
-            sampling = SamplingSpec(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                    max_tokens=r.generate_max_len, seed=run.sampling_seed(it))  # fmt: skip
-            groups, vision = run.rollout.generate(prompts, sampling)
-        # 2. reward: rules on the decoded responses
-        with timer("reward"):
-            scores = run.scorer.score([s.text for g in groups for s in g], [p.label for p in prompts for _ in range(n)])
+        rows = state.sampler.take(r.rollout_batch_size)  # every process, so all keep the same data position
+        groups = vision = scores = None
+        if run.leader:
+            with timer("generate"):
+                prompts = run.rollout.prompts([run.row_record(row, it, k) for k, row in enumerate(rows)])
+                sampling = SamplingSpec(n=n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                        max_tokens=r.generate_max_len, seed=run.sampling_seed(it))  # fmt: skip
+                groups, vision = run.rollout.generate(prompts, sampling)
+            # 2. reward: rules on the decoded responses
+            with timer("reward"):
+                scores = run.scorer.score([s.text for g in groups for s in g],
+                                          [p.label for p in prompts for _ in range(n)])  # fmt: skip
+        groups, vision, scores = run.share(groups, vision, scores)  # to the other learner processes, if any
         exp = make_experience(groups, vision, np.array([s.total for s in scores]), r.generate_max_len)
         # 3. old policy, reference and critic passes on the first update's partition (groups shuffled, kept whole)
         perm = group_permutation(state.rng, exp.size, n)
@@ -61,6 +68,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if (it + 1) % t.save_steps == 0 or it + 1 == run.total_rollouts:
             run.save(state)
         if t.eval_steps and (it + 1) % t.eval_steps == 0:
-            run.evaluate(it + 1)
+            run.evaluate(it + 1)  # process 0's engines only
     run.finish(state)
     return last

@@ -22,6 +22,7 @@ from shared.records import Prompt, Sample, SamplingSpec
 Tensor = Union[np.ndarray, torch.Tensor]
 NamedTensors = Iterable[tuple[str, Tensor]]
 LOGPROBS_MODES = ("raw", "processed")
+WEIGHT_TRANSPORTS = ("auto", "inprocess", "shm", "ipc", "nccl")
 
 
 @dataclass
@@ -41,7 +42,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.5
     enable_sleep: bool = False
     # vLLM weight route: "auto" (in-process on one worker, /dev/shm safetensors file across processes, CUDA IPC
-    # weight transfer on GPU), or force "inprocess" | "shm" | "ipc".
+    # weight transfer on GPU), or force "inprocess" | "shm" | "ipc"; "nccl" starts vLLM with its NCCL weight-transfer
+    # engine for the bridge's collective route on GPU (host-memory pushes then go through "shm").
     weight_transport: str = "auto"
 
     def __post_init__(self) -> None:
@@ -49,8 +51,8 @@ class EngineConfig:
             raise ValueError(f"dtype: expected float32 or bfloat16, got {self.dtype!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode: expected one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
-        if self.weight_transport not in ("auto", "inprocess", "shm", "ipc"):
-            raise ValueError(f"weight_transport: expected auto, inprocess, shm or ipc, got {self.weight_transport!r}")
+        if self.weight_transport not in WEIGHT_TRANSPORTS:
+            raise ValueError(f"weight_transport: expected one of {WEIGHT_TRANSPORTS}, got {self.weight_transport!r}")
         if not (Path(self.model_path) / "config.json").is_file():
             raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face checkpoint directory")
 
@@ -65,6 +67,10 @@ class EngineConfig:
             enable_prefix_caching=r.enable_prefix_caching, tensor_parallel_size=r.tensor_parallel_size,
             gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep=r.enable_sleep,
         )  # fmt: skip
+        # The collective route broadcasts into vLLM's NCCL weight-transfer engine on GPU; on CPU the workers join a
+        # gloo group through the worker extension, which needs nothing at start-up.
+        if getattr(r, "weight_transport", "object_store") == "collective" and torch.cuda.is_available():
+            kwargs["weight_transport"] = "nccl"
         kwargs.update(overrides)
         return EngineConfig(**kwargs)
 
@@ -77,6 +83,7 @@ class RolloutEngine(ABC):
         self.engine_id = engine_id
         self._version = 0
         self._pending: Optional[int] = None  # version of a push whose final bucket has not arrived
+        self._group = None  # rollout_torch.collective.Group of the collective weight route, once joined
         self.generated_tokens = 0
         self.generate_seconds = 0.0
         self.prompts_done = 0
@@ -112,6 +119,59 @@ class RolloutEngine(ABC):
 
     def policy_version(self) -> int:
         return self._version
+
+    # -- collective weight route: one broadcast group per engine, rank 0 the bridge's sender (bridge.collective)
+    def collective_world_size(self) -> int:
+        """Size of this engine's group: the sender plus the processes that receive (here: this one)."""
+        return 2
+
+    def collective_group(self) -> Optional[str]:
+        """Name of the group joined, None before `collective_join` (e.g. in an engine restarted by the pool)."""
+        return None if self._group is None else self._group.name
+
+    def collective_join(self, info: dict) -> list[int]:
+        """Join the group the sender opened (`info`: name, host, port, world_size, timeout_s); returns the ranks
+        taken. Blocks until the sender has joined too. Leaves any earlier group first."""
+        from rollout_torch.collective import join_info
+
+        self.collective_leave()
+        self._group = join_info(info, 1)
+        return [1]
+
+    def collective_receive(self, meta: list, version: int, final: bool = False) -> int:
+        """Receive one bucket the sender broadcasts (`meta`: (hf_name, dtype, shape) per tensor, in broadcast
+        order) and load it as `update_weights` would. A bucket that cannot be loaded is still received (the group
+        stays in step with the sender) and then rejected, leaving the engine's weights as they were."""
+        meta = [(str(n), str(d), tuple(int(x) for x in s)) for n, d, s in meta]
+        try:
+            if self._pending is not None and self._pending != version:
+                raise RuntimeError(f"engine {self.engine_id}: push of version {self._pending} is unfinished, got "
+                                   f"{version}")  # fmt: skip
+            self._validate([(n, torch.empty(s, dtype=getattr(torch, d), device="meta")) for n, d, s in meta])
+        except Exception:
+            self._collective_drain(meta)
+            raise
+        self._pending = version
+        self._collective_load(meta)
+        if final:
+            self.finish_update(version)
+        return len(meta)
+
+    def collective_leave(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    def _collective_load(self, meta: list) -> None:
+        from rollout_torch.collective import receive
+
+        self._load(receive(self._group, meta, f"engine {self.engine_id}"))
+
+    def _collective_drain(self, meta: list) -> None:
+        from rollout_torch.collective import receive
+
+        if self._group is not None:
+            receive(self._group, meta, f"engine {self.engine_id}")
 
     @abstractmethod
     def _validate(self, named: list[tuple[str, torch.Tensor]]) -> None:

@@ -14,13 +14,15 @@ from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rollout_torch.engine import EngineConfig, NamedTensors, make_engine, to_numpy
 from shared.records import Prompt, Sample, SamplingSpec
 
 _ENV_PREFIXES = ("VLLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_")
-START_TIMEOUT_S = 600.0  # an actor Ray cannot place (too few free CPUs/GPUs) would otherwise wait forever
+START_TIMEOUT_S = 600.0  # bounds placement and engine start: an engine Ray cannot place would wait forever
 
 
 class EngineActor:
@@ -31,6 +33,10 @@ class EngineActor:
 
     def ready(self) -> int:
         return os.getpid()
+
+    def node(self) -> str:
+        """The Ray node this engine runs on."""
+        return ray.get_runtime_context().get_node_id()
 
     def threads(self) -> int:
         """Compute threads torch uses in this engine's process."""
@@ -50,6 +56,9 @@ class EngineActor:
     def call(self, method: str, *args: Any) -> Any:
         """policy_version, score, named_weights, sleep, wake, stats."""
         return getattr(self.engine, method)(*args)
+
+
+_REMOTE_ENGINE = ray.remote(EngineActor)
 
 
 @dataclass
@@ -90,29 +99,36 @@ def shard_bounds(n_items: int, n_shards: int) -> list[tuple[int, int]]:
 
 
 class RolloutPool:
-    """`rollout.num_engines` engines of `rollout.backend`; `num_cpus_per_engine` is what each actor asks Ray for
-    (with CUDA each engine also takes `rollout.tensor_parallel_size` GPUs)."""
+    """`rollout.num_engines` engines of `rollout.backend`, each in the bundle of a Ray placement group holding
+    `rollout.engine_resources` (CPU, GPU or custom resources such as a node label; with CUDA and no GPU named,
+    `rollout.tensor_parallel_size` GPUs), packed onto few nodes or spread over many (`rollout.placement`). A
+    restarted engine takes its bundle again, so it stays where the config put it."""
 
-    def __init__(self, cfg, *, num_cpus_per_engine: float = 1.0, max_restarts: int = 3, **engine_overrides):
+    def __init__(self, cfg, *, max_restarts: int = 3, **engine_overrides):
         import torch
 
         r = cfg.rollout
-        gpus = float(r.tensor_parallel_size) if torch.cuda.is_available() else 0.0
-        threads = None if gpus else r.cpu_threads_per_engine or max(1, (os.cpu_count() or 1) // r.num_engines)
-        self._start(r.backend, EngineConfig.from_config(cfg, **engine_overrides), r.num_engines, num_cpus_per_engine,
-                    gpus, max_restarts, threads)  # fmt: skip
+        resources = dict(r.engine_resources)
+        if torch.cuda.is_available() and "GPU" not in resources:
+            resources["GPU"] = float(r.tensor_parallel_size)
+        threads = None if resources.get("GPU") else r.cpu_threads_per_engine or max(1, (os.cpu_count() or 1) // r.num_engines)
+        self._start(r.backend, EngineConfig.from_config(cfg, **engine_overrides), r.num_engines, resources,
+                    max_restarts, threads, r.placement, cfg.ray.connect_timeout_s)  # fmt: skip
 
     @classmethod
     def from_engine_config(
         cls, backend: str, cfg: EngineConfig, num_engines: int = 1, num_cpus_per_engine: float = 1.0,
         num_gpus_per_engine: float = 0.0, max_restarts: int = 3, threads: Optional[int] = None,
+        placement: str = "pack",
     ) -> "RolloutPool":  # fmt: skip
         pool = cls.__new__(cls)
-        pool._start(backend, cfg, num_engines, num_cpus_per_engine, num_gpus_per_engine, max_restarts, threads)
+        pool._start(backend, cfg, num_engines, {"CPU": num_cpus_per_engine, "GPU": num_gpus_per_engine},
+                    max_restarts, threads, placement)  # fmt: skip
         return pool
 
-    def _start(self, backend: str, cfg: EngineConfig, num_engines: int, num_cpus: float, num_gpus: float,
-               max_restarts: int, threads: Optional[int] = None) -> None:  # fmt: skip
+    def _start(self, backend: str, cfg: EngineConfig, num_engines: int, resources: dict[str, float],
+               max_restarts: int, threads: Optional[int] = None, placement: str = "pack",
+               place_timeout_s: float = START_TIMEOUT_S) -> None:  # fmt: skip
         if not ray.is_initialized():
             raise RuntimeError("RolloutPool needs a running Ray (call ray.init first)")
         if num_engines < 1:
@@ -122,11 +138,14 @@ class RolloutPool:
         env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        self._actor_cls = ray.remote(EngineActor).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, runtime_env={"env_vars": env} if env else None,
+        self._resources = {k: float(v) for k, v in resources.items() if v > 0}
+        custom = {k: v for k, v in self._resources.items() if k not in ("CPU", "GPU")}
+        self._actor_options = dict(
+            num_cpus=self._resources.get("CPU", 0), num_gpus=self._resources.get("GPU", 0), resources=custom or None,
+            max_restarts=0, runtime_env={"env_vars": env} if env else None,
         )  # fmt: skip
-        self._resources = {"CPU": num_cpus, "GPU": num_gpus}
-        self.actors = [self._actor_cls.remote(backend, cfg, i) for i in range(num_engines)]
+        self._pg = self._place(num_engines, placement, min(place_timeout_s, START_TIMEOUT_S))
+        self.actors = [self._new_actor(i) for i in range(num_engines)]
         self._wait_ready(self.actors)
         self.stats = [EngineStats(i) for i in range(num_engines)]
         self._buckets: list[_Bucket] = []
@@ -230,6 +249,33 @@ class RolloutPool:
             except RayActorError:
                 self._restart(i)  # the restored engine already holds this push
 
+    def _place(self, num_engines: int, placement: str, timeout_s: float):
+        """One bundle per engine; None when engines ask for nothing (a bundle must hold some resource)."""
+        if not self._resources:
+            return None
+        pg = placement_group([dict(self._resources) for _ in range(num_engines)],
+                             strategy="PACK" if placement == "pack" else "SPREAD")  # fmt: skip
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(pg)
+            raise RuntimeError(
+                f"Ray cannot place {num_engines} engine(s) asking {self._resources} each ({placement}) within "
+                f"{timeout_s:.0f} s: the cluster has {ray.cluster_resources()}, {ray.available_resources()} free. "
+                f"Lower rollout.num_engines or rollout.engine_resources, or add nodes with those resources"
+            ) from None
+        return pg
+
+    def _new_actor(self, engine: int):
+        options = dict(self._actor_options)
+        if self._pg is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=engine)
+        return _REMOTE_ENGINE.options(**options).remote(self.backend, self.cfg, engine)
+
+    def engine_nodes(self) -> list[str]:
+        """The Ray node id of each engine."""
+        return ray.get([a.node.remote() for a in self.actors])
+
     def _wait_ready(self, actors: list) -> None:
         refs = [a.ready.remote() for a in actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_S)
@@ -244,7 +290,7 @@ class RolloutPool:
 
     def _restart(self, engine: int) -> None:
         ray.kill(self.actors[engine], no_restart=True)
-        actor = self._actor_cls.remote(self.backend, self.cfg, engine)
+        actor = self._new_actor(engine)
         self._wait_ready([actor])
         open_version = None
         for b in self._buckets:
@@ -276,3 +322,6 @@ class RolloutPool:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+        if getattr(self, "_pg", None) is not None:
+            remove_placement_group(self._pg)
+            self._pg = None

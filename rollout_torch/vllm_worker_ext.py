@@ -6,6 +6,11 @@ into its kernel format, e.g. repacked oneDNN handles on CPU, as soon as all its 
 that received nothing get their kernel tensors back; encoder and multimodal caches are dropped). Plain
 `model.load_weights` after start-up does not take effect on CPU, because the linear layers no longer read their
 `weight` parameter.
+
+The collective route (`rollout_torch.collective`) adds a group per engine: each worker joins as rank 1 + its rank
+(`lmmrl_collective_join`), receives every bucket the sender broadcasts into tensors allocated from the announced
+metadata and loads them in the same session (`lmmrl_collective_receive`). On GPU vLLM's NCCL weight-transfer engine
+receives instead; `lmmrl_nccl_drain` only reads a rejected bucket off its communicator.
 """
 from __future__ import annotations
 
@@ -82,3 +87,47 @@ class LmmrlWorkerExtension:
         if wanted is not None and (missing := wanted - set(out)):
             raise KeyError(f"not parameters of the vLLM model: {sorted(missing)[:5]}")
         return out
+
+    # -- collective route
+    def _lmmrl_rank(self) -> int:
+        """This worker's rank among the engine's workers, as vLLM's weight-transfer engines count it
+        (vllm/distributed/weight_transfer/nccl_common.py worker_init_process_group)."""
+        pc = self.vllm_config.parallel_config
+        return int(getattr(pc, "data_parallel_index", 0) or 0) * int(pc.world_size) + int(self.rank)
+
+    def lmmrl_collective_join(self, info: dict) -> int:
+        from rollout_torch.collective import join_info
+
+        self.lmmrl_collective_leave()
+        rank = 1 + self._lmmrl_rank()
+        self._lmmrl_group = join_info(info, rank)
+        return rank
+
+    def lmmrl_collective_receive(self, meta: list, load: bool = True) -> int:
+        from vllm.config import set_current_vllm_config
+
+        from rollout_torch.collective import receive
+
+        named = receive(getattr(self, "_lmmrl_group", None), meta, f"vLLM worker {self.rank}")
+        if load:
+            with set_current_vllm_config(self.vllm_config), torch.no_grad():
+                self._lmmrl_model().load_weights(iter(named))
+        return len(named)
+
+    def lmmrl_collective_leave(self) -> None:
+        group = getattr(self, "_lmmrl_group", None)
+        if group is not None:
+            group.close()
+            self._lmmrl_group = None
+
+    def lmmrl_nccl_drain(self, meta: list, load: bool = False) -> int:
+        """GPU: receive a bucket the engine rejected off vLLM's NCCL weight-transfer communicator, unloaded, so the
+        sender's broadcast completes (vllm/distributed/device_communicators/pynccl.py PyNcclCommunicator.broadcast)."""
+        group = getattr(self.weight_transfer_engine, "model_update_group", None)
+        if group is None:
+            raise RuntimeError("vLLM's NCCL weight transfer is not initialised (init_weight_transfer_engine)")
+        for _, dtype, shape in meta:
+            buf = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=self.device)
+            group.broadcast(buf, src=0, stream=torch.cuda.current_stream())
+        torch.cuda.current_stream().synchronize()
+        return len(meta)

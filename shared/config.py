@@ -85,6 +85,13 @@ class RolloutConfig:
     # CPU engines: compute threads of each (None: the machine's cores shared among the engines, since the learner
     # idles while they generate). Ray would otherwise pin an actor holding one CPU to one thread.
     cpu_threads_per_engine: Optional[int] = None
+    # Where engines run: one Ray placement-group bundle per engine holding `engine_resources` (Ray resource names:
+    # CPU, GPU, or custom ones such as a node label), packed onto few nodes or spread over many.
+    placement: str = "pack"
+    engine_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    # How pushed weights travel: object_store (Ray's object store, any topology) or collective (a broadcast group
+    # per engine: NCCL on GPUs, gloo on CPUs).
+    weight_transport: str = "object_store"
 
 
 @dataclass
@@ -157,10 +164,23 @@ class ShardingConfig:
 
 
 @dataclass
+class LearnerConfig:
+    # Learner processes, one Ray actor each (one per learner host on a cluster); > 1 joins them with
+    # jax.distributed (process 0's actor is the coordinator) and builds one mesh over every process's devices.
+    num_processes: int = 1
+    num_gpus_per_process: float = 0.0
+    num_cpus_per_process: float = 1.0
+    resources_per_process: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {TPU: 4}
+    devices_per_process: Optional[int] = None  # CPU only: simulated devices per process (tests, CPU rehearsals)
+    coordinator_timeout_s: float = 60.0  # a coordinator or peer that does not answer fails the start within this
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None = start a local Ray
     num_cpus: Optional[int] = None
     temp_dir: str = "/tmp/lmmrl_ray"
+    connect_timeout_s: float = 60.0  # joining `address`, and waiting for the resources the config asks for
 
 
 @dataclass
@@ -178,6 +198,7 @@ class Config:
     critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))
     train: TrainConfig = field(default_factory=TrainConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     @property
@@ -204,6 +225,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, f"{key} key"): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -336,6 +362,15 @@ def validate(cfg: Config) -> None:
     _choice("rollout.dtype", r.dtype, DTYPES)
     _choice("rollout.backend", r.backend, ROLLOUT_BACKENDS)
     _choice("sharding.strategy", cfg.sharding.strategy, SHARDING_STRATEGIES)
+    _choice("rollout.placement", r.placement, ("pack", "spread"))
+    _choice("rollout.weight_transport", r.weight_transport, ("object_store", "collective"))
+    if any(v < 0 for v in r.engine_resources.values()) or not any(v > 0 for v in r.engine_resources.values()):
+        raise ConfigError(f"rollout.engine_resources: expected amounts >= 0, at least one > 0, got "
+                          f"{r.engine_resources}")  # fmt: skip
+    if cfg.learner.num_processes < 1:
+        raise ConfigError(f"learner.num_processes: must be >= 1, got {cfg.learner.num_processes}")
+    if cfg.learner.devices_per_process is not None and cfg.learner.devices_per_process < 1:
+        raise ConfigError(f"learner.devices_per_process: must be >= 1, got {cfg.learner.devices_per_process}")
 
     positive = {
         "rollout.n_samples_per_prompt": r.n_samples_per_prompt,

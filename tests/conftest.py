@@ -139,3 +139,17 @@ def weights(tiny_ckpt):
 def scaled(weights):
     """The checkpoint with every language-model layer scaled: a visibly different policy."""
     return {k: (v * 1.5 if k.startswith("model.layers.") else v) for k, v in weights.items()}
+
+
+def run_script(path: str, *args, timeout: float = 2400):
+    """Run a test file as a script in a fresh process (XLA fixes the device count when JAX first touches a device);
+    its last line of output is JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, path, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -53,17 +53,21 @@ def engines(vllm_engine, hf_engine, learner):
         verify_weights(engine, params, cfg)
 
 
-class CorruptOne(DirectTransport):
-    """Flips the sign of one tensor on its way to the engine."""
+def corrupt_one(transport_cls):
+    """A `transport_cls` that flips the sign of the tensor named `name` on its way to the engines."""
 
-    def __init__(self, name: str):
-        self.name_to_flip = name
+    class CorruptOne(transport_cls):
+        def __init__(self, name: str, **kw):
+            super().__init__(**kw)
+            self.name_to_flip = name
 
-    def prepare(self, items):
-        for w in items:
-            if w.name == self.name_to_flip:
-                w.array = -w.array
-        return super().prepare(items)
+        def prepare(self, items):
+            for w in items:
+                if w.name == self.name_to_flip:
+                    w.array = -w.array
+            return super().prepare(items)
+
+    return CorruptOne
 
 
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
@@ -107,7 +111,7 @@ def test_a_tensor_corrupted_in_transit_is_named(engines, learner, backend, flipp
     engine = engines[backend]
     cfg, params = learner
     updated = noisy(params, seed=3)
-    WeightSync(engine, cfg, transport=CorruptOne(flipped), bucket_bytes=1 << 20).push(updated, version=13)
+    WeightSync(engine, cfg, transport=corrupt_one(DirectTransport)(flipped), bucket_bytes=1 << 20).push(updated, version=13)
     with pytest.raises(WeightMismatch) as err:
         verify_weights(engine, updated, cfg)
     assert list(err.value.differences) == [named]

@@ -28,6 +28,31 @@ def assert_greedy_paths_agree(a, b, tol=1e-3):
             assert abs(x.logprobs[same] - y.logprobs[same]) < tol, f"paths fork at token {same} without a tie"
 
 
+def kill_once_in_flight(pool, engine: int, kill):
+    """Stand in for an engine's handle: its next `generate` is submitted, then `kill(actor)` ends the actor that
+    runs it (deterministic: the shard is always in flight). Returns the victim's handle."""
+    victim = pool.actors[engine]
+
+    class KilledOnceItsShardIsInFlight:
+        def __getattr__(self, name):
+            method = getattr(victim, name)
+            if name != "generate":
+                return method
+
+            class Remote:
+                @staticmethod
+                def remote(*args, **kwargs):
+                    ref = method.remote(*args, **kwargs)
+                    pool.actors[engine] = victim  # the pool's own handle again, for its restart logic
+                    kill(victim)
+                    return ref
+
+            return Remote
+
+    pool.actors[engine] = KilledOnceItsShardIsInFlight()
+    return victim
+
+
 @pytest.fixture(scope="module")
 def pool(rollout_ray, tiny_ckpt, rollout_engine_config):
     pool = RolloutPool.from_engine_config("vllm", rollout_engine_config(tiny_ckpt), num_engines=2, num_cpus_per_engine=1)
@@ -90,27 +115,7 @@ def test_killed_engine_is_restarted_with_current_weights_and_its_prompts_rerun(p
     long = SamplingSpec(temperature=0.0, max_tokens=256)
     want = pool.generate(prompts, long)
     restarts = pool.stats[0].restarts
-    victim = pool.actors[0]
-
-    class KilledOnceItsShardIsInFlight:
-        """Stands in for engine 0's handle: submits the shard, then kills the actor that is running it."""
-
-        def __getattr__(self, name):
-            method = getattr(victim, name)
-            if name != "generate":
-                return method
-
-            class Remote:
-                @staticmethod
-                def remote(*args, **kwargs):
-                    ref = method.remote(*args, **kwargs)
-                    pool.actors[0] = victim  # the pool's own handle again, for its restart logic
-                    rollout_ray.kill(victim)
-                    return ref
-
-            return Remote
-
-    pool.actors[0] = KilledOnceItsShardIsInFlight()
+    victim = kill_once_in_flight(pool, 0, rollout_ray.kill)
     got = pool.generate(prompts, long)
     assert pool.stats[0].restarts == restarts + 1
     assert pool.actors[0] is not victim
@@ -124,7 +129,7 @@ def test_an_engine_ray_cannot_place_fails_with_a_clear_error(rollout_ray, tiny_c
     import rollout_torch.pool as pool_module
 
     monkeypatch.setattr(pool_module, "START_TIMEOUT_S", 2.0)
-    with pytest.raises(RuntimeError, match="did not start within 2 s"):
+    with pytest.raises(RuntimeError, match=r"Ray cannot place 1 engine\(s\) asking \{'CPU': 64.0\} each .* within 2 s"):
         RolloutPool.from_engine_config("vllm", rollout_engine_config(tiny_ckpt), num_cpus_per_engine=64)
 
 

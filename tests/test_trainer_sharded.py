@@ -17,7 +17,6 @@ if __name__ == "__main__":
         os.environ.update(simulated_cpu_env(int(sys.argv[4])))
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -84,11 +83,10 @@ def run(ckpt: str, data: str, work: str, devices: int, names: list[str]) -> dict
     return out
 
 
-def _run(*args) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, timeout=2400,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _run(*args):
+    from conftest import run_script
+
+    return run_script(__file__, *args)
 
 
 @pytest.mark.slow
