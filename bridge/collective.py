@@ -223,16 +223,18 @@ class GlooTransport(Transport):
         self.groups[k], self.ranks[k] = name, [int(r) for r in ranks]
 
     # -- buckets
-    def prepare(self, items: list[WireTensor]) -> tuple[Any, list]:
+    def prepare(self, items: list[WireTensor]) -> tuple[Any, list, Any]:
         import ray
 
         wire = to_wire(items)  # bfloat16 as its bits: the sender needs no ml_dtypes
-        return ray.put([(w[0], w[1]) for w in wire]), bucket_meta(wire)
+        # and the bucket as the object-store route ships it, for the pool to replay into an engine it restarts
+        replay = ray.put([(w.name, w.array) for w in items])
+        return ray.put([(w[0], w[1]) for w in wire]), bucket_meta(wire), replay
 
-    def send(self, target: Any, payload: tuple[Any, list], version: int, final: bool) -> None:
+    def send(self, target: Any, payload: tuple[Any, list, Any], version: int, final: bool) -> None:
         import ray
 
-        ref, meta = payload
+        ref, meta, replay = payload
         engines = EngineCalls(target)
         n = self._ensure_groups(engines, version)
         self._in_push = version
@@ -253,6 +255,8 @@ class GlooTransport(Transport):
             self._drop_groups()
             raise RuntimeError(f"transport 'collective': the sender failed to broadcast a bucket of version "
                                f"{version}") from exc  # fmt: skip
+        if callable(keep := getattr(target, "retain_for_restarts", None)):  # a pool restarts engines: it replays
+            keep([replay], version)
         if final:
             self._in_push = None
             target.finish_update(version)
@@ -280,7 +284,7 @@ class GlooTransport(Transport):
         self.groups.clear()
         self.ranks.clear()
 
-    def release(self, payload: tuple[Any, list]) -> None:
+    def release(self, payload: tuple[Any, list, Any]) -> None:
         pass  # the object is freed once no one holds its ref
 
     def close(self) -> None:

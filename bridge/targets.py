@@ -27,6 +27,9 @@ class ServiceTarget:
     def finish_update(self, version: int) -> None:
         self.service.pool_call("finish_update", version)
 
+    def retain_for_restarts(self, refs: list, version: int) -> None:
+        self.service.pool_call("retain_for_restarts", refs, version)
+
     def policy_version(self) -> int:
         return self.service.pool_call("policy_version")
 

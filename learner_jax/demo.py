@@ -71,7 +71,7 @@ def run_demo(cfg: Config, root: Path = CACHE, warm_recipe: dict = WARM) -> dict:
     import shutil
 
     from .evaluate import evaluate_files
-    from .trainer import train
+    from .launch import launch
 
     start_ray(cfg.ray)
     warm = prepare(cfg, root, warm_recipe)
@@ -87,10 +87,10 @@ def run_demo(cfg: Config, root: Path = CACHE, warm_recipe: dict = WARM) -> dict:
 
     table = {"warm start": evaluate(str(warm))}
     fre = stage(cfg, "fre", str(warm), str(root / "data" / "text_train.jsonl"), root)
-    train(fre)
+    launch(fre)  # the learner in this process, or learner.num_processes actors
     table["after FRE"] = evaluate(fre.train.export_dir)
     mgt = stage(cfg, "mgt", fre.train.export_dir, str(root / "data" / "image_train.jsonl"), root)
-    train(mgt)
+    launch(mgt)
     table["after MGT"] = evaluate(mgt.train.export_dir)
     print_table(table)
     plot([fre.train.log_dir, mgt.train.log_dir], root / "demo.png")

@@ -227,6 +227,13 @@ class RolloutPool:
         if final:
             self.finish_update(version)
 
+    def retain_for_restarts(self, refs: list, version: int) -> None:
+        """Keep buckets that reached the engines another way (the collective route) for replay into a restarted
+        engine, as pushes through the pool are kept. `refs`: ObjectRefs of (name, array) lists, in a list so Ray
+        passes them unresolved."""
+        for ref in refs:
+            self._retain(_Bucket(ref, frozenset(n for n, _ in ray.get(ref)), version))
+
     def finish_update(self, version: int) -> None:
         if self._pending not in (None, version):
             raise RuntimeError(f"finish_update({version}) during the push of version {self._pending}")

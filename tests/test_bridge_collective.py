@@ -253,8 +253,9 @@ def test_two_engine_actors_get_two_groups_and_a_restarted_engine_rejoins(rollout
         assert report.engine_versions == [5] and pool.call_all("policy_version") == [5, 5]
         assert verify_weights(target, updated, cfg) == 81  # every engine, tensor by tensor
 
-        pool._restart(1)  # as after the actor died: a fresh engine with the checkpoint's weights and no group
+        pool._restart(1)  # as after the actor died: a fresh engine, no group, the last push replayed by the pool
         assert pool.call(1, "collective_group") is None
+        assert pool.call_all("policy_version") == [5, 5] and verify_weights(target, updated, cfg) == 81
         again = noisy(params, seed=24)
         sync.push(again, version=6)
         after = transport.connect(target)

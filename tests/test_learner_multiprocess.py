@@ -1,6 +1,6 @@
 """The learner as several processes (`learner_jax.launch`): two Ray actors of 4 simulated CPU devices each, joined
 into one JAX runtime, run the real trainer (vLLM engine, math-verify rewards, weight pushes, orbax checkpoints)
-under zero3 over all 8 devices and give the same first three iterations as one process with 8 devices. A
+under zero3 over all 8 devices and give the same first three iterations as one learner actor with 8 devices. A
 coordinator that never answers, and resources the cluster lacks, fail fast with errors naming them.
 
 XLA fixes the device count when JAX first touches a device, so the runs are subprocesses: this file is also that
@@ -11,10 +11,6 @@ import sys
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if sys.argv[1] == "single":
-        from learner_jax.sharding import simulated_cpu_env  # before any device is touched
-
-        os.environ.update(simulated_cpu_env(8))
 
 import json
 import socket
@@ -54,16 +50,12 @@ def run(mode: str, ckpt: str, data: str, work: str) -> list[dict]:
 
     from learner_jax.metrics import read_jsonl
 
-    if mode == "single":
-        import jax
+    from learner_jax.launch import launch
 
-        from learner_jax.launch import launch
-
-        assert len(jax.devices()) == 8
-        cfg = _config(ckpt, data, work, "single")
+    if mode == "single":  # one learner actor holding a CPU of its own (Ray gets a third, nominal one for it)
+        cfg = _config(ckpt, data, work, "single", **{"learner.num_cpus_per_process": 1, "ray.num_cpus": 3,
+                                                      "learner.devices_per_process": 8})  # fmt: skip
     else:
-        from learner_jax.launch import launch
-
         cfg = _config(ckpt, data, work, "multi", **{"learner.num_processes": 2, "learner.devices_per_process": 4})
     try:
         launch(cfg)
