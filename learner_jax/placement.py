@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
-import time
 from typing import Any, Optional
 
 import ray
 
 from shared.config import RayConfig
+
+from .net import wait_for_port
 
 # Facts of the machines every worker needs (README): offline hub, single-process vLLM, no Ray token auth.
 WORKER_ENV = {
@@ -50,17 +50,9 @@ def check_reachable(address: str, timeout_s: float) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"ray.address {address!r}: expected host:port of a Ray head node, or auto")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)).close()
-            return
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                raise ConnectionError(f"ray.address {address}: no Ray head answers there ({exc}) after "
-                                      f"{timeout_s:.0f} s; start one with `ray start --head --port={port}` "
-                                      f"or fix the address") from None  # fmt: skip
-            time.sleep(1.0)
+    if (exc := wait_for_port(address, timeout_s)) is not None:
+        raise ConnectionError(f"ray.address {address}: no Ray head answers there ({exc}) after {timeout_s:.0f} s; "
+                              f"start one with `ray start --head --port={port}` or fix the address")
 
 
 @ray.remote

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import re
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -46,6 +46,7 @@ from shared.models import qwen2_5_vl_params as table
 
 from .models.config import Qwen25VLConfig
 from .models.lora import merge_lora
+from .net import wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -111,25 +112,13 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: in
 
 def wait_for_coordinator(address: str, deadline: float, who: str = "this process") -> None:
     """Block until `address` ("host:port") accepts a TCP connection; `TimeoutError` naming it at `deadline`."""
-    import socket
-
-    host, port = address.rsplit(":", 1)
-    host = host.strip("[]")
-    start = time.monotonic()
-    last: Optional[BaseException] = None
-    while True:
-        try:
-            with socket.create_connection((host, int(port)), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
-                return
-        except OSError as exc:
-            last = exc
-        if time.monotonic() >= deadline:
-            raise TimeoutError(
-                f"{who}: the JAX coordinator at {address} did not answer within {deadline - start:.0f}s "
-                f"(learner.coordinator_timeout_s); last error: {last}. Is learner process 0 running, and is the "
-                f"port reachable from this node?"
-            )
-        time.sleep(0.2)
+    timeout_s = max(0.0, deadline - time.monotonic())
+    if (last := wait_for_port(address, timeout_s)) is not None:
+        raise TimeoutError(
+            f"{who}: the JAX coordinator at {address} did not answer within {timeout_s:.0f}s "
+            f"(learner.coordinator_timeout_s); last error: {last}. Is learner process 0 running, and is the "
+            f"port reachable from this node?"
+        )
 
 
 def is_leader() -> bool:
