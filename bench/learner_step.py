@@ -1,8 +1,10 @@
 """Forward+backward throughput of the JAX Qwen2.5-VL against transformers' torch model, same weights, same batch.
 
-    python bench/learner_step.py [--reps 5] [--batch 4] [--response-len 160] [--image 224]
+    python bench/learner_step.py [--models 58m 3b_shapes] [--reps 5] [--batch 4] [--response-len 160] [--image 224]
 
-Writes bench/results/learner_step.json and prints it. Loss: summed log-probabilities of all next tokens (the RL
+Two models: ~58M parameters (below), and Qwen2.5-VL-3B's exact widths cut to 2 decoder layers and 4 vision blocks
+(`tiny_checkpoint.spec_like`, 0.58B parameters, 151,936-token vocabulary; run at --batch 2, --response-len 64).
+Writes bench/results/learner_step.json (one entry per model) and prints it. Loss: summed log-probabilities of all next tokens (the RL
 policy-gradient shape), float32, CPU. FLOP/s counts the matmuls the step performs (3x the forward's, attention
 over the full masked T x T and S x S blocks as computed) against a large fp32 matmul measured in each framework.
 Repetitions interleave the contenders; medians and bests are both reported, since other processes on a shared
@@ -38,12 +40,13 @@ from learner_jax.models.config import ModelOptions, Qwen25VLConfig  # noqa: E402
 from learner_jax.models.hf_io import load_checkpoint  # noqa: E402
 from learner_jax.models.qwen2_5_vl import forward_logprobs  # noqa: E402
 from shared.records import VisionInputs  # noqa: E402
-from shared.tiny_checkpoint import TinySpec, write_checkpoint  # noqa: E402
+from shared.tiny_checkpoint import TinySpec, spec_like, write_checkpoint  # noqa: E402
 
 # ~60M parameters: text 768 wide x 8 layers (head_dim 64, GQA 12:2), vision 256 wide x 8 blocks.
 SPEC = TinySpec(seed=0, text_hidden=768, text_layers=8, text_heads=12, kv_heads=2, text_intermediate=2048,
                 mrope_section=[8, 12, 12], vision_hidden=256, vision_depth=8, vision_heads=4,
                 vision_intermediate=768, window_size=112, fullatt_block_indexes=[3, 7])  # fmt: skip
+MODELS = {"58m": (SPEC, {}), "3b_shapes": (spec_like("qwen2.5-vl-3b", 2, 4), {"batch": 2, "response_len": 64})}
 
 
 def _seconds(fn) -> float:
@@ -85,6 +88,7 @@ def step_flops(cfg: Qwen25VLConfig, batch: dict) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--response-len", type=int, default=160, help="response tokens appended to each prompt")
@@ -92,9 +96,23 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learner_step.json"))
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    peak = matmul_peak()
+    report = {"matmul_peak_fp32_gflops": peak, "models": {}}
+    for name in args.models:
+        spec, sizes = MODELS[name]
+        run_args = argparse.Namespace(**{**vars(args), **sizes})
+        report["models"][name] = measure(spec, run_args, peak)
+        print(f"{name}: jax/torch speed-up {report['models'][name]['speedup_jax_over_torch_median']:.2f} (median)",
+              file=sys.stderr)  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
 
+
+def measure(spec: TinySpec, args: argparse.Namespace, peak: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_checkpoint(Path(tmp) / "ckpt", SPEC)
+        ckpt = write_checkpoint(Path(tmp) / "ckpt", spec)
         proc = AutoProcessor.from_pretrained(ckpt)
         proc.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
@@ -156,7 +174,6 @@ def main() -> None:
         for name, fn in steps.items():
             times[name].append(_seconds(fn))
     load_after = os.getloadavg()
-    peak = matmul_peak()
     flops = step_flops(cfg, batch)
 
     def summary(first_s: float, ts: list[float], peak_gflops: float) -> dict:
@@ -173,22 +190,19 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
                     "torch": torch.__version__, "jax_backend": jax.default_backend(),
                     "loadavg_before": load_before, "loadavg_after": load_after},
-        "model": {"params": n_params, "text_hidden": SPEC.text_hidden, "text_layers": SPEC.text_layers,
-                  "vision_hidden": SPEC.vision_hidden, "vision_depth": SPEC.vision_depth},
+        "model": {"params": n_params, "vocab": cfg.text.vocab_size, "text_hidden": spec.text_hidden,
+                  "text_layers": spec.text_layers, "vision_hidden": spec.vision_hidden, "vision_depth": spec.vision_depth},
         "batch": {"B": args.batch, "T": T, "tokens": tokens, "image_patches": int(per_img.sum()),
                   "image_grid_thw": grid.tolist()},
         "step_gflop": flops / 1e9,
-        "matmul_peak_fp32_gflops": peak,
         "torch": {**torch_result, "attn_implementation": model.config._attn_implementation},
         "jax": jax_results,
         "jax_best_variant": best,
         "speedup_jax_over_torch_median": torch_result["median_s"] / jax_results[best]["median_s"],
         "speedup_jax_over_torch_best": torch_result["best_s"] / jax_results[best]["best_s"],
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    del model, jparams, steps
+    return report
 
 
 if __name__ == "__main__":

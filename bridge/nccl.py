@@ -15,8 +15,8 @@ shapes})`) while the learner broadcasts the tensors in that order into every com
 memory (converted to HF layout and the engine dtype on the device, see `convert`). The final bucket is followed by
 `target.finish_update(version)` (`LLM.finish_weight_update`, the policy version). Engines are reached and rejoined
 exactly as in the CPU form (`bridge.collective`); the engines must be started with `weight_transport="nccl"`
-(`EngineConfig.from_config` does so for `rollout.weight_transport: collective` on CUDA), which passes vLLM
-`weight_transfer_config={"backend": "nccl"}`. Needs CUDA GPUs and CuPy (the `[gpu]` extra); not exercised on CPU.
+(`EngineConfig.from_config` does so for `rollout.weight_transport: collective` with a GPU learner), which passes vLLM
+`weight_transfer_config={"backend": "nccl"}`. Needs CUDA GPUs and CuPy 13 (the `[gpu]` extra); not exercised on CPU.
 """
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ class NcclTransport(Transport):
         if world_size is not None:
             raise TypeError("transport 'nccl': world_size is per engine now (1 + its workers, asked of each engine)")
         self.device = device or gpus[0]
+        # The CUDA ordinal in this process, what CuPy selects by (jax/_src/array.py __dlpack_device__ uses the same);
+        # `Device.id` is JAX's global id, which differs on any process but 0 of a multi-host runtime.
+        self.ordinal = int(self.device.local_hardware_id)
         self.timeout_s = float(timeout_s)
         self.comms: dict[int, Any] = {}  # engine index -> communicator (rank 0 of that engine's group)
         self.groups: dict[int, str] = {}
@@ -80,7 +83,7 @@ class NcclTransport(Transport):
         self.groups.pop(k, None)
         world = int(engines.call(k, "collective_world_size"))
         uid = nccl.get_unique_id()
-        uid_bytes = uid if isinstance(uid, bytes) else bytes(x & 0xFF for x in uid)  # CuPy < 14: tuple of chars
+        uid_bytes = bytes(x & 0xFF for x in uid)  # CuPy 13 (the [gpu] extra's pin): a tuple of 128 signed chars
         name = f"lmmrl-nccl-e{k}-{uuid.uuid4().hex[:8]}"
         init_info = {
             "rank_offset": 1, "world_size": world, "packed": False,
@@ -91,7 +94,7 @@ class NcclTransport(Transport):
         worker = threading.Thread(target=_capture(errors, engines.call, k, "collective_join",
                                                   {"name": name, "init_info": init_info}))  # fmt: skip
         worker.start()
-        with cupy.cuda.Device(self.device.id):
+        with cupy.cuda.Device(self.ordinal):
             comm = nccl.NcclCommunicator(world, uid, 0)
             warm = cupy.zeros(1, dtype=cupy.float32)  # the workers' warm-up all_reduce, matched
             comm.allReduce(warm.data.ptr, warm.data.ptr, 1, _NCCL_DTYPES["float32"], _NCCL_SUM,
@@ -124,7 +127,7 @@ class NcclTransport(Transport):
         errors: list[BaseException] = []
         worker = threading.Thread(target=_capture(errors, engines.call_all, "collective_receive", meta, version, False))
         worker.start()  # the workers post their receives while we broadcast
-        with cupy.cuda.Device(self.device.id):
+        with cupy.cuda.Device(self.ordinal):
             stream = cupy.cuda.get_current_stream()
             for _, a in payload:
                 nccl.groupStart()  # one tensor into every engine's communicator, issued together

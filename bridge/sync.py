@@ -44,11 +44,27 @@ class PushReport:
 
 
 def engine_versions(target: Any) -> list[int]:
-    """Policy versions the target's engines report (one per engine)."""
-    try:
+    """Policy versions the target's engines report, one per engine, asked of the engines themselves.
+
+    A pool (`rollout_torch.pool.RolloutPool`, directly or behind the rollout service) keeps its own record of the
+    last push it completed (`policy_version`); comparing the pushed version with that record cannot fail, so a
+    pool is asked for `engine_versions` instead: each engine actor's `policy_version`. A local engine, an engine
+    actor (`bridge.receiver.EngineHost`) or any other target reports through `policy_version` (an int, or a list
+    with one entry per engine)."""
+    from .targets import ServiceTarget
+    from .transport import is_local_engine
+
+    if is_local_engine(target):
         v = target.policy_version()
-    except AttributeError:  # the rollout service's proxy reaches its pool through pool_call
-        v = target.pool_call("policy_version")
+    elif callable(getattr(type(target), "engine_versions", None)):  # a pool, or a target that asks its engines
+        v = target.engine_versions()
+    elif isinstance(target, ServiceTarget):  # its policy_version is the pool's record: ask the pool's engines
+        v = target.service.pool_call("engine_versions")
+    else:
+        try:
+            v = target.policy_version()
+        except AttributeError:  # the rollout service's proxy reaches its pool through pool_call
+            v = target.pool_call("engine_versions")
     return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
 
 
@@ -134,8 +150,11 @@ class WeightSync:
                 if future is not None and future.exception() is None:  # prepared but never sent
                     self.transport.release(future.result()[0])
         versions = engine_versions(self.target)
-        if any(v != version for v in versions):
-            raise RuntimeError(f"after pushing version {version} the engines report versions {versions}")
+        if not versions or any(v != version for v in versions):
+            lagging = [k for k, v in enumerate(versions) if v != version]
+            raise RuntimeError(f"after pushing version {version} the engines report versions {versions}: engine(s) "
+                               f"{lagging or 'none reported'} do not hold it, so what they generate with is not the "
+                               f"learner's policy")  # fmt: skip
         return PushReport(
             version=version, transport=self.transport.name, dtype=self.dtype.name if self.dtype else "params",
             tensors=len(self.entries), buckets=len(buckets), bytes=sent,

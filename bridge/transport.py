@@ -121,7 +121,9 @@ class ShmTransport(Transport):
 def make_transport(transport: str | Transport, target: Any = None, **options: Any) -> Transport:
     """A transport by name (`TRANSPORTS`) or an instance passed through. "collective" is NCCL when the learner's
     arrays are on CUDA GPUs (`bridge.nccl`), else gloo through a sender actor (`bridge.collective`); options: see
-    those modules. "nccl" forces the GPU form."""
+    those modules. "nccl" forces the GPU form. The engines start for the same form from the same fact: the run
+    config's learner platform (`shared.config.LearnerConfig.platform`, read by `EngineConfig.from_config`), to
+    which `learner_jax.launch.process_env` pins the learner's JAX."""
     if isinstance(transport, Transport):
         return transport
     if transport == "direct":
@@ -135,6 +137,12 @@ def make_transport(transport: str | Transport, target: Any = None, **options: An
 
         if any(d.platform == "gpu" for d in jax.devices()):
             transport = "nccl"
+        elif "cuda" in os.environ.get("JAX_PLATFORMS", "").split(","):
+            # JAX skips a CUDA it cannot see even when asked for it; the engines were started for NCCL.
+            raise RuntimeError(f"transport 'collective': the learner is configured to compute on GPUs "
+                               f"(JAX_PLATFORMS={os.environ['JAX_PLATFORMS']}, from learner.num_gpus_per_process or "
+                               f"learner.gpu_memory_fraction), so the engines take NCCL, but JAX sees no GPU "
+                               f"({jax.devices()[0].platform} only); check CUDA_VISIBLE_DEVICES")  # fmt: skip
         else:
             from .collective import GlooTransport
 

@@ -82,7 +82,7 @@ def expected_checksums(params: Params, cfg: Qwen25VLConfig, naming: str, dtype: 
     out: dict[str, Checksum] = {}
     for bucket in plan_buckets(entries, bucket_bytes, wire_itemsizes(params, entries, d)):
         for w in gather(params, bucket.entries, d):
-            held[w.name] = hf_layout(w).astype(np.float32, copy=False)  # engines report float32
+            held[w.name] = hf_layout(w)  # the wire dtype: Checksum casts to float32 block by block
         still = []
         for t in todo:
             if not all(p in held for p in t.parts):

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from shared.config import Config, ConfigError, load_config
-from shared.data import load_rows
+from shared.data import load_options, load_rows
 from shared.records import SamplingSpec
 from shared.rewards import make_scorer
 
@@ -29,8 +29,7 @@ def evaluate_files(cfg: Config, rollout: Any, files: list[str], *, step: int = 0
     results: dict[str, dict[str, float]] = {}
     try:
         for path in files:
-            rows = load_rows(path, input_key=d.input_key, label_key=d.label_key, min_pixels=d.min_pixels,
-                             max_pixels=d.max_pixels)  # fmt: skip
+            rows = load_rows(path, **load_options(cfg))
             records = [{"messages": r.messages, "label": r.label, "uid": i} for i, r in enumerate(rows)]
             prompts = rollout.prompts(records)
             groups, _ = rollout.generate(prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=cfg.rollout.generate_max_len))
@@ -38,7 +37,8 @@ def evaluate_files(cfg: Config, rollout: Any, files: list[str], *, step: int = 0
             name = Path(path).stem
             results[name] = {
                 "accuracy": float(np.mean([s.accuracy for s in scores])),
-                "format": float(np.mean([s.format > 0 for s in scores])),
+                # NaN: a reward server that sends no per-part fields; those samples are left out
+                "format": float(np.nanmean([s.format > 0 if np.isfinite(s.format) else np.nan for s in scores])),
                 "num_examples": len(rows),
             }
             if logger is not None:

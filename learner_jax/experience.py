@@ -34,9 +34,31 @@ class Experience:
     def size(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def prompt_lengths(self) -> np.ndarray:
+        return np.array([len(t) for t in self.token_ids]) - np.asarray(self.response_lengths)
+
     def micro_batch(self, idx: Sequence[int], cfg: Qwen25VLConfig, pad_token_id: int) -> dict[str, np.ndarray]:
+        """Model inputs of samples `idx`. Only prompt tokens can be image placeholders: a response token is text
+        whatever its id (`build_batch`), as it was for the engine that sampled it."""
         return build_batch([self.token_ids[i] for i in idx], [self.vision[i] for i in idx], cfg,
-                           pad_token_id=pad_token_id, seq_len=self.seq_len)  # fmt: skip
+                           pad_token_id=pad_token_id, seq_len=self.seq_len,
+                           prompt_lengths=self.prompt_lengths[np.asarray(idx, np.int64)])  # fmt: skip
+
+
+def response_special_tokens(exp: Experience, first_special_id: int) -> int:
+    """How many response tokens are special: ids >= `first_special_id`, i.e. Qwen's added tokens (from
+    `<|endoftext|>`, its pad token, on: `<|im_start|>`, `<|vision_start|>`, `<|image_pad|>`, `<|video_pad|>`, ...)
+    and the unused embedding rows beyond the tokenizer. A response's last token is not counted when generation
+    stopped on it (not truncated): that is the EOS (`<|im_end|>`) every finished response ends with. The learner
+    treats such tokens as text, as the engine did; a rising count flags a policy drifting into them."""
+    total = 0
+    for toks, r, truncated in zip(exp.token_ids, exp.response_lengths, exp.finish_length_B):
+        resp = np.asarray(toks[len(toks) - int(r):], np.int64)
+        if len(resp) and not truncated:
+            resp = resp[:-1]
+        total += int((resp >= first_special_id).sum())
+    return total
 
 
 def make_experience(groups: list[list[Sample]], vision: list[VisionInputs], rewards_B: np.ndarray,

@@ -15,6 +15,7 @@ environment before JAX touches a device (simulated CPU devices with `devices_per
 `sharding.initialize_distributed` (gloo collectives on CPU, `learner.coordinator_timeout_s`) and runs
 `trainer.train`, where process 0 alone owns engines, rewards, metrics, evaluation and the progress bar. An actor
 that fails ends the run: the driver raises its error (naming the coordinator) and kills the others.
+`learner.cpu_collectives: gloo` takes this path for one process too, so that its sums run in gloo's order.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ IDLE_BUNDLE = {"memory": 1.0}
 
 
 def launch(cfg: Config, resume: bool = False) -> dict:
-    if cfg.learner.num_processes == 1 and bundle(cfg) == IDLE_BUNDLE:  # reserves nothing: no actor needed
+    lc = cfg.learner
+    if lc.num_processes == 1 and bundle(cfg) == IDLE_BUNDLE and lc.cpu_collectives == "auto":  # no actor needed
         from .trainer import train
 
         return train(cfg, resume=resume)
@@ -43,11 +45,41 @@ def launch(cfg: Config, resume: bool = False) -> dict:
 
 
 def process_env(cfg: Config) -> dict[str, str]:
-    """Environment a learner process needs before JAX first touches a device."""
+    """Environment a learner process needs before JAX first touches a device (given to the learner actors, and set
+    in the driver by `learner_jax.main`). JAX is pinned to the learner's platform as the config fixes it
+    (`LearnerConfig.platform`): the engines start for the collective route's NCCL or gloo form from the same fact
+    (`rollout_torch.engine.EngineConfig.from_config`), and the bridge picks the form from the learner's devices.
+    GPU memory (jaxlib 0.10.2 `generate_pjrt_gpu_plugin_options`, read once when the GPU backend starts):
+    learner.gpu_memory_fraction -> XLA_CLIENT_MEM_FRACTION, learner.gpu_preallocate false ->
+    XLA_PYTHON_CLIENT_PREALLOCATE=false. The deprecated XLA_PYTHON_CLIENT_MEM_FRACTION is never set, and with the
+    key set it is a ConfigError in this environment (jaxlib raises when both names are set), as is an
+    XLA_CLIENT_MEM_FRACTION holding another fraction."""
     lc = cfg.learner
     env: dict[str, str] = {}
-    if lc.num_gpus_per_process == 0 and "TPU" not in lc.resources_per_process:
-        env["JAX_PLATFORMS"] = "cpu"  # a process that reserved no accelerator must not take one
+    if lc.platform == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"  # a process that reserved no accelerator, nor shares the engines', takes none
+    elif lc.platform == "gpu":
+        env["JAX_PLATFORMS"] = "cuda,cpu"  # a JAX without CUDA fails at start instead of computing on the CPU
+    if lc.gpu_memory_fraction is not None:
+        from shared.config import ConfigError
+
+        fraction = str(float(lc.gpu_memory_fraction))
+        if deprecated := os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", ""):
+            raise ConfigError(f"learner.gpu_memory_fraction sets XLA_CLIENT_MEM_FRACTION={fraction}, and the "
+                              f"environment has its deprecated alias XLA_PYTHON_CLIENT_MEM_FRACTION={deprecated}: "
+                              f"jaxlib 0.10.2 raises ValueError when both are set; unset "
+                              f"XLA_PYTHON_CLIENT_MEM_FRACTION (the key replaces it)")  # fmt: skip
+        held = os.environ.get("XLA_CLIENT_MEM_FRACTION", "")
+        try:
+            agrees = not held or float(held) == lc.gpu_memory_fraction
+        except ValueError:
+            agrees = False
+        if not agrees:
+            raise ConfigError(f"learner.gpu_memory_fraction {fraction} and the environment's "
+                              f"XLA_CLIENT_MEM_FRACTION={held} disagree; unset the variable (the key replaces it)")
+        env["XLA_CLIENT_MEM_FRACTION"] = fraction
+    if not lc.gpu_preallocate:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if lc.devices_per_process is not None:
         from .sharding import simulated_cpu_env
 
@@ -147,7 +179,7 @@ class LearnerActor:
 
         cfg = self.cfg
         lc = cfg.learner
-        if lc.num_processes > 1:
+        if lc.num_processes > 1 or lc.cpu_collectives == "gloo":
             initialize_distributed(coordinator, lc.num_processes, self.process_id, timeout_s=lc.coordinator_timeout_s)
         import jax
 

@@ -24,6 +24,7 @@ def learner_logprobs(params: Params, cfg: Qwen25VLConfig, probe: LogprobProbe) -
     if not probe.response_ids:
         raise ValueError("the probe needs at least one response token")
     ids = list(probe.prompt_ids) + list(probe.response_ids)
-    batch = build_batch([ids], [probe.vision], cfg, pad_token_id=probe.pad_token_id)
+    batch = build_batch([ids], [probe.vision], cfg, pad_token_id=probe.pad_token_id,
+                        prompt_lengths=[len(probe.prompt_ids)])  # a sampled response may hold any token
     logp_BL = np.asarray(_logprobs(params, batch, cfg))
     return logp_BL[0, -len(probe.response_ids):]

@@ -9,7 +9,7 @@ service, the scorer and the logger, and shares each rollout's samples and scores
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import jax
@@ -18,17 +18,19 @@ import numpy as np
 import yaml
 
 from shared.config import Config, derive
-from shared.data import PromptRow, PromptSampler, load_rows
+from shared.data import PromptRow, PromptSampler, load_options, load_rows_with_report, skip_metrics
 from shared.models.qwen2_5_vl_params import name_table
-from shared.rewards import make_scorer
+from shared.rewards import is_timeout, make_scorer
 
 from .adapters import fold, init_adapters, lora_spec
 from .checkpoint import Checkpointer
-from .experience import Experience
+from .experience import Experience, response_special_tokens
 from .export import export_hf
+from .guards import check_finite
 from .learner import (ActorInputs, ActorScalars, CriticInputs, CriticScalars, Learner, RolloutBatches, TrainState,
                       group_permutation)  # fmt: skip
 from .metrics import MetricsLogger, PhaseTimer
+from .models.attention import resolve_attention
 from .models.config import ModelOptions
 from .models.hf_io import load_checkpoint
 from .models.lora import LoraSpec, merge_lora
@@ -112,6 +114,7 @@ class Run:
     total_rollouts: int
     lora: Optional[LoraSpec] = None
     leader: bool = True  # learner process 0: engines, rewards, metrics, evaluation, console
+    data_skipped: dict = field(default_factory=dict)  # data/skipped_<reason>: rows the loader dropped
 
     def __post_init__(self) -> None:
         if self.lora is not None:
@@ -150,6 +153,20 @@ class Run:
 
     def batches(self, exp: Experience) -> RolloutBatches:
         return RolloutBatches(exp, self.micro_batch, self.model_cfg, self.learner.pad_token_id, self.learner.strategy)
+
+    def place_state(self, state: LoopState, memory_kind: str) -> None:
+        """train.offload_between_phases: the actor's and critic's parameters and optimizer state to "pinned_host"
+        memory while the colocated engines generate, and back to "device" for the learner's phases."""
+        if not self.cfg.train.offload_between_phases:
+            return
+
+        def move(tree: Any) -> Any:
+            return jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind(memory_kind)), tree)
+
+        for name in ("actor", "critic"):
+            ts = getattr(state, name)
+            if ts is not None:
+                setattr(state, name, TrainState(move(ts.params), move(ts.opt_state), ts.step))
 
     def passes(self, state: LoopState, batches: RolloutBatches, perm: np.ndarray) -> dict:
         """Old-policy, reference and critic passes on the partition the first update uses, [B, L] on device.
@@ -228,10 +245,13 @@ class Run:
     def push_weights(self, state: LoopState, it: int) -> dict:
         """Push the policy as the next version; every `train.verify_every` rollouts (and on the first) check the
         checksums of what the engines hold. A mismatch raises with the names of the tensors that differ."""
-        state.version += 1
         weights = self.policy_weights(state)
+        check_finite(weights, f"the policy weights of version {state.version + 1} (iteration {it})")
+        state.version += 1
         report = self.sync.push(weights, state.version)
         out = {"sync/bytes": float(report.bytes), "sync/seconds": float(report.seconds)}
+        if self.rollout is not None:  # process 0; the push, queued behind any generation, has returned: idle now
+            out["rollout/engine_restarts"] = float(self.rollout.pool_call("engine_restarts"))
         every = self.cfg.train.verify_every
         if every and (it % every == 0):
             out["sync/verified_tensors"] = float(self.sync.verify(weights)["tensors"])
@@ -242,9 +262,13 @@ class Run:
             "reward/mean": float(np.mean([s.total for s in scores])),
             "reward/format": float(np.mean([s.format for s in scores])),
             "reward/accuracy": float(np.mean([s.accuracy for s in scores])),
-            "reward/errors": float(sum(s.error is not None for s in scores)),
+            "reward/errors": float(sum(s.error is not None for s in scores)),  # timeouts included
+            "reward/timeouts": float(sum(map(is_timeout, scores))),
             "response/length": float(exp.response_lengths.mean()),
+            "prompt/length": float(np.mean([len(t) for t in exp.token_ids]) - exp.response_lengths.mean()),
             "response/truncated": float(exp.finish_length_B.mean()),
+            # sampled special/vision tokens: text to the learner, as to the engine (the first added id is the pad)
+            "response/special_tokens": float(response_special_tokens(exp, self.learner.pad_token_id)),
             "kl/mean": kl_mean,
             "kl/coef": float(state.kl_ctl.value),
             "engine_gap/abs_logp_diff": stats.pop("actor/engine_gap", 0.0),
@@ -252,6 +276,7 @@ class Run:
             "policy_version": float(state.version),
             "skipped_steps": float(state.bad_steps),
             **{f"memory/{k}_bytes_per_device": float(v) for k, v in self.memory(state).items()},
+            **self.data_skipped,
             **stats,
             **timer.metrics(),
         }
@@ -273,10 +298,12 @@ class Run:
     # ------------------------------------------------------------- checkpoints
 
     def save(self, state: LoopState) -> None:
-        self.ckpt.save(state.iteration, state.arrays(), {**state.meta(), "config": self.cfg.to_dict()})
+        arrays = state.arrays()
+        check_finite(arrays, f"the checkpoint of iteration {state.iteration} (parameters and optimizer state)")
+        self.ckpt.save(state.iteration, arrays, {**state.meta(), "config": self.cfg.to_dict()})
 
-    def restore(self, state: LoopState) -> None:
-        arrays, meta, _ = self.ckpt.restore(state.arrays())
+    def restore(self, state: LoopState, select: Any = None) -> None:
+        arrays, meta, _ = self.ckpt.restore(state.arrays(), select=select)
         state.load(arrays, meta)
         weights = self.policy_weights(state)
         self.sync.push(weights, state.version)  # engines start from the checkpoint, not model.path
@@ -287,7 +314,9 @@ class Run:
             return
         from .evaluate import evaluate_files
 
-        evaluate_files(self.cfg, self.rollout, self.cfg.data.eval_files, step=iteration, logger=self.logger)
+        results = evaluate_files(self.cfg, self.rollout, self.cfg.data.eval_files, step=iteration, logger=self.logger)
+        if self.logger is not None:
+            self.logger.eval_summary(iteration, results)
 
     def finish(self, state: LoopState) -> None:
         if self.cfg.train.export_dir:
@@ -296,7 +325,7 @@ class Run:
                 weights, adapters = host_copy((weights, adapters))
             if self.leader:
                 export_hf(weights, self.model_cfg, self.cfg.model.path, self.cfg.train.export_dir, adapters=adapters,
-                          lora=self.lora)  # fmt: skip
+                          lora=self.lora, dtype=self.cfg.train.export_dtype)  # fmt: skip
         if self.logger is not None:
             self.logger.close()
         self.ckpt.close()
@@ -328,10 +357,17 @@ def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
     start_ray(cfg.ray)  # joins the session when called inside a learner actor
     leader = jax.process_index() == 0
     model_cfg, params = load_checkpoint(cfg.model.path)
-    opts = ModelOptions(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=cfg.model.attention)
+    # "auto" is resolved here, where the mesh's tensor axis is known (cuDNN wants q, k, v sharded alike).
+    attention = resolve_attention(cfg.model.attention, cfg.model.dtype,
+                                  (model_cfg.text.head_dim, model_cfg.vision.head_dim),
+                                  num_kv_heads=model_cfg.text.num_kv_heads, tensor=cfg.sharding.tensor)  # fmt: skip
+    opts = ModelOptions(dtype=cfg.model.dtype, remat=cfg.model.remat, attention=attention)
     d = cfg.data
-    datasets = [load_rows(f, max_rows=d.max_samples, input_key=d.input_key, label_key=d.label_key,
-                          min_pixels=d.min_pixels, max_pixels=d.max_pixels) for f in d.train_files]  # fmt: skip
+    loaded = [load_rows_with_report(f, max_rows=d.max_samples, **load_options(cfg)) for f in d.train_files]
+    datasets = [rows for rows, _ in loaded]
+    for _, report in loaded:
+        if leader and any(report.skipped.values()):  # data.on_bad_row: skip; counted in data/skipped_* too
+            print(report.summary(), flush=True)
     sampler = PromptSampler(datasets, d.train_probs, seed=cfg.train.seed)
     r, t = cfg.rollout, cfg.train
     planned = derive(cfg, sampler.total)
@@ -379,7 +415,7 @@ def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
               else WeightSync(None, model_cfg, dtype=r.dtype, sender=False)),
         scorer=make_scorer(cfg.reward) if leader else None, ckpt=Checkpointer(t.ckpt_dir, t.max_ckpts),
         logger=MetricsLogger(t.log_dir, t.wandb_project, cfg.name, cfg.to_dict()) if leader else None,
-        total_rollouts=total_rollouts, lora=lora, leader=leader,
+        total_rollouts=total_rollouts, lora=lora, leader=leader, data_skipped=skip_metrics(r for _, r in loaded),
     )  # fmt: skip
     if leader:
         (run.logger.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # as resolved
@@ -388,7 +424,7 @@ def build_run(cfg: Config, resume: bool = False) -> tuple[Run, LoopState]:
     if resume:
         if run.ckpt.latest_step() is None:
             raise FileNotFoundError(f"--load_checkpoint: no checkpoint in {run.ckpt.directory}")
-        run.restore(state)
+        run.restore(state, resume)  # True/"latest", "latest_intact" or a step
     elif run.ckpt.latest_step() is not None:
         raise FileExistsError(
             f"{run.ckpt.directory} holds checkpoints of an earlier run; resume with --load_checkpoint or choose "

@@ -41,10 +41,16 @@ class EngineConfig:
     logprobs_mode: str = "raw"
     gpu_memory_utilization: float = 0.5
     enable_sleep: bool = False
-    # vLLM weight route: "auto" (in-process on one worker, /dev/shm safetensors file across processes, CUDA IPC
-    # weight transfer on GPU), or force "inprocess" | "shm" | "ipc"; "nccl" starts vLLM with its NCCL weight-transfer
-    # engine for the bridge's collective route on GPU (host-memory pushes then go through "shm").
+    # vLLM weight route: "auto" (in-process when the engine core and its one worker share this process, on CPU and
+    # GPU; across processes a /dev/shm safetensors file on CPU, CUDA IPC weight transfer on GPU), or force
+    # "inprocess" | "shm" | "ipc" ("ipc" only with the workers in other processes); "nccl" starts vLLM with its NCCL
+    # weight-transfer engine for the bridge's collective route on GPU (host-memory pushes then go in-process, or
+    # through "shm" with the workers in other processes).
     weight_transport: str = "auto"
+    # The data's image bounds (data.min_pixels/max_pixels). vLLM sizes its encoder profiling and budget by the
+    # largest image allowed; without them it takes the processor's (12.8M pixels: a 65k-patch dummy image).
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -65,11 +71,17 @@ class EngineConfig:
             max_model_len=cfg.data.prompt_max_len + r.generate_max_len,
             kv_cache_bytes=None if torch.cuda.is_available() else int(r.kv_cache_gib * (1 << 30)),
             enable_prefix_caching=r.enable_prefix_caching, tensor_parallel_size=r.tensor_parallel_size,
-            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep=r.enable_sleep,
+            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep=r.colocate,
+            min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
         )  # fmt: skip
-        # The collective route broadcasts into vLLM's NCCL weight-transfer engine on GPU; on CPU the workers join a
-        # gloo group through the worker extension, which needs nothing at start-up.
-        if getattr(r, "weight_transport", "object_store") == "collective" and torch.cuda.is_available():
+        # The collective route's form is decided once, by the learner's platform as the config fixes it
+        # (`LearnerConfig.platform`, to which `learner_jax.launch.process_env` pins the learner's JAX; the bridge
+        # picks NCCL from the same devices): a GPU learner broadcasts into vLLM's NCCL weight-transfer engine, which
+        # must be chosen at start-up; a CPU or TPU learner sends over gloo from host memory, which the workers join
+        # through the worker extension (on GPU engines too) and needs nothing at start-up. Not decided by what
+        # this process sees: a rollout process with CUDA beside a learner without would start NCCL engines for a
+        # gloo sender.
+        if getattr(r, "weight_transport", "object_store") == "collective" and cfg.learner.platform == "gpu":
             kwargs["weight_transport"] = "nccl"
         kwargs.update(overrides)
         return EngineConfig(**kwargs)
@@ -87,6 +99,7 @@ class RolloutEngine(ABC):
         self.generated_tokens = 0
         self.generate_seconds = 0.0
         self.prompts_done = 0
+        self.lifecycle: list[tuple[str, int]] = []  # ("sleep" | "wake", policy version held), in call order
 
     # -- generation
     @abstractmethod
@@ -188,12 +201,21 @@ class RolloutEngine(ABC):
         """The tensors the engine holds now, in its own naming (see the engine's docstring), as float32 numpy."""
 
     # -- memory
-    def sleep(self) -> bool:
-        """Free weight/KV memory if the backend can; returns whether it did."""
-        return False
+    def sleep(self, level: int = 1) -> bool:
+        """Free KV cache (level 1: and offload weights; level 2: and discard them) if the backend can; returns
+        whether it did. Every call is recorded in `lifecycle` with the version held, freed or not."""
+        self.lifecycle.append(("sleep", self._version))
+        return self._sleep(level)
 
     def wake(self) -> bool:
         """Restore what `sleep` freed; returns whether anything was restored."""
+        self.lifecycle.append(("wake", self._version))
+        return self._wake()
+
+    def _sleep(self, level: int) -> bool:
+        return False
+
+    def _wake(self) -> bool:
         return False
 
     def close(self) -> None:
@@ -205,6 +227,7 @@ class RolloutEngine(ABC):
         return {
             "engine_id": self.engine_id, "prompts": self.prompts_done, "generated_tokens": self.generated_tokens,
             "seconds": round(s, 3), "tokens_per_s": round(self.generated_tokens / s, 2) if s > 0 else 0.0,
+            "lifecycle": list(self.lifecycle),
         }  # fmt: skip
 
     def _check_ready(self) -> None:

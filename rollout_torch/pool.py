@@ -148,6 +148,7 @@ class RolloutPool:
         self.actors = [self._new_actor(i) for i in range(num_engines)]
         self._wait_ready(self.actors)
         self.stats = [EngineStats(i) for i in range(num_engines)]
+        self.restarts = 0  # engine actors replaced, all engines, since the pool started
         self._buckets: list[_Bucket] = []
         self._version = 0
         self._pending: Optional[int] = None
@@ -157,7 +158,27 @@ class RolloutPool:
         return len(self.actors)
 
     def policy_version(self) -> int:
+        """The version of the last push the pool completed (its own record, not asked of the engines: see
+        `engine_versions`)."""
         return self._version
+
+    def engine_versions(self) -> list[int]:
+        """The policy version each engine actor reports holding, asked of the engines themselves: what the bridge
+        compares with the version it pushed. An actor found dead is restarted first (which replays the pushes
+        kept for it, as after any death) and asked again."""
+        refs = [a.call.remote("policy_version") for a in self.actors]
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(int(ray.get(ref)))
+            except RayActorError:
+                self._restart(i)
+                out.append(int(self.call(i, "policy_version")))
+        return out
+
+    def engine_restarts(self) -> int:
+        """Engine actors the pool has replaced since it started (cumulative, all engines): `rollout/engine_restarts`."""
+        return self.restarts
 
     # -- generation
     def generate(self, prompts: list[Prompt], sampling: SamplingSpec) -> list[list[Sample]]:
@@ -309,6 +330,7 @@ class RolloutPool:
             ray.get(actor.finish_update.remote(open_version))
         self.actors[engine] = actor
         self.stats[engine].restarts += 1
+        self.restarts += 1
 
     # -- per-engine calls
     def call(self, engine: int, method: str, *args: Any) -> Any:

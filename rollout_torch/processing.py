@@ -1,15 +1,14 @@
 """Prompt and image preprocessing shared by both engines and by the learner's vision inputs.
 
-One route for pixels: images are loaded from their paths and resized here with Qwen's `smart_resize` rule (as
-`qwen_vl_utils.fetch_image` does), then handed to the checkpoint's HF processor, built exactly as vLLM builds it
-(`<processor_class>.from_pretrained(path)`, default image-processor backend). The vLLM engine, the HF engine and
-`vision_inputs` (what the learner trains on) all go through `load_images` + that processor, so they see the same
-pixel values; the two image-processor backends of transformers differ by up to 0.015.
+One route for pixels: images are loaded from their paths and resized with Qwen's `smart_resize` rule by
+`shared.images.load_image` (as `qwen_vl_utils.fetch_image` does), then handed to the checkpoint's HF processor,
+built exactly as vLLM builds it (`<processor_class>.from_pretrained(path)`, default image-processor backend). The
+vLLM engine, the HF engine and `vision_inputs` (what the learner trains on) all go through `load_images` + that
+processor, so they see the same pixel values; the two image-processor backends of transformers differ by up to 0.015.
 """
 from __future__ import annotations
 
 import json
-import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,60 +16,19 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from shared.images import load_image, smart_resize  # noqa: F401  (smart_resize: re-exported with the resize rule)
 from shared.records import Prompt, VisionInputs
-
-PATCH_FACTOR = 28  # patch 14 x spatial merge 2: sides of a resized image are multiples of this
-MAX_ASPECT_RATIO = 200
-
-
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = PATCH_FACTOR) -> tuple[int, int]:
-    """Qwen2-VL's resize rule: both sides multiples of `factor`, pixel count within [min_pixels, max_pixels],
-    aspect ratio kept as closely as possible."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"image aspect ratio must be below {MAX_ASPECT_RATIO}, got {height}x{width}")
-    if min_pixels > max_pixels:
-        raise ValueError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def _local_path(ref: str) -> Path:
-    if ref.startswith("file://"):
-        ref = ref[len("file://"):]
-    elif "://" in ref or ref.startswith("data:"):
-        raise ValueError(f"image {ref[:80]!r}: only local paths and file:// URIs are supported; download it first")
-    path = Path(ref)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
-    return path
-
-
-def load_image(ref: str, min_pixels: int, max_pixels: int) -> Image.Image:
-    """An RGB image resized with `smart_resize` under the pixel bounds (bicubic, as qwen_vl_utils does)."""
-    with Image.open(_local_path(ref)) as img:
-        img = img.convert("RGB")
-    h, w = smart_resize(img.height, img.width, min_pixels, max_pixels)
-    return img if (h, w) == (img.height, img.width) else img.resize((w, h), Image.Resampling.BICUBIC)
 
 
 def load_images(prompt: Prompt) -> list[Image.Image]:
     return [load_image(p, prompt.min_pixels, prompt.max_pixels) for p in prompt.image_paths]
 
 
-def processor_kwargs(prompt: Prompt) -> dict[str, int]:
-    """The pixel bounds in the form both vLLM (`mm_processor_kwargs`) and the HF processor take them."""
-    return {"min_pixels": prompt.min_pixels, "max_pixels": prompt.max_pixels}
+def processor_kwargs(prompt: Prompt) -> dict[str, dict[str, int]]:
+    """The pixel bounds in the form both vLLM (`mm_processor_kwargs`) and the HF processor take them: `size`, whose
+    `shortest_edge`/`longest_edge` are the Qwen2-VL image processor's min/max pixel counts (transformers 5 warns on
+    every call given `min_pixels`/`max_pixels`; vLLM's Qwen2-VL `_get_vision_size` reads either form)."""
+    return {"size": {"shortest_edge": prompt.min_pixels, "longest_edge": prompt.max_pixels}}
 
 
 @lru_cache(maxsize=4)

@@ -4,6 +4,7 @@ with the checkpoint's chat template, generate through the engine pool, return ea
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from shared.config import Config, from_dict
@@ -56,6 +57,21 @@ class RolloutService:
 
     def generate(self, prompts: list[Prompt], sampling: SamplingSpec) -> tuple[list[list[Sample]], list[VisionInputs]]:
         return self.pool.generate(prompts, sampling), self.vision(prompts)
+
+    def generate_rows(self, rows: list[dict], sampling: SamplingSpec) -> tuple[list, list, list, float]:
+        """Prompts of data rows, their samples and vision inputs, and the seconds the engines took: one call, so
+        the learner can submit it ahead without waiting (asynchronous rollouts)."""
+        start = time.perf_counter()
+        prompts = self.prompts(rows)
+        groups, vision = self.generate(prompts, sampling)
+        return prompts, groups, vision, time.perf_counter() - start
+
+    def sleep(self, level: int = 1) -> list[bool]:
+        """Every engine frees what it can while the learner works on the same devices (colocated runs)."""
+        return self.pool.call_all("sleep", level)
+
+    def wake(self) -> list[bool]:
+        return self.pool.call_all("wake")
 
     def update_weights(self, named: Any, version: int, final: bool = True) -> None:
         """`named`: (hf_name, array) pairs, or an ObjectRef to such a list (wrap it in a list when calling through

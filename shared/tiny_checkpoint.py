@@ -6,6 +6,11 @@ Qwen's 14 special tokens and chat template, and the processor configs. Weights a
 norm scales are random too, so parity tests notice a dropped bias or a misplaced norm.
 
     python -m shared.tiny_checkpoint --out models/tiny --seed 0 --text-hidden 128 --text-layers 2
+    python -m shared.tiny_checkpoint --out models/3b_shapes --like qwen2.5-vl-3b --text-layers 2 --vision-depth 4
+
+`--like` takes every width of a released model's config.json (`shared.models.qwen2_5_vl_presets`): vocabulary,
+heads, head dims, MLP, vision tower, window, tied embeddings. Only the depth is cut (full-attention blocks kept
+inside it), so the real shapes run end to end on a CPU.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from shared.models import qwen2_5_vl_params as params_table
+from shared.models.qwen2_5_vl_presets import preset
 from shared.models.qwen2_5_vl_config import Qwen25VLConfig
 
 SPECIAL_TOKENS = (
@@ -74,6 +80,7 @@ class TinySpec:
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [1, 3])
     tie_word_embeddings: bool = False
     bpe_vocab: int = 600
+    vocab_size: int = 0  # embedding rows; 0 = the tokenizer's size padded to 64 (a real model pads far beyond it)
     min_pixels: int = 4 * 28 * 28
     max_pixels: int = 16384 * 28 * 28
 
@@ -110,6 +117,21 @@ def _weights(config: dict, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
+def spec_like(name: str, text_layers: int = 2, vision_depth: int = 4, seed: int = 0) -> TinySpec:
+    """The widths of a released model (`--like`) at a cut depth. The vision tower keeps one full-attention block,
+    the last of the cut, as the real tower ends every 8 blocks with one."""
+    raw = preset(name)
+    v = raw["vision_config"]
+    return TinySpec(
+        seed=seed, text_hidden=raw["hidden_size"], text_layers=text_layers, text_heads=raw["num_attention_heads"],
+        kv_heads=raw["num_key_value_heads"], text_intermediate=raw["intermediate_size"],
+        mrope_section=list(raw["rope_scaling"]["mrope_section"]), vision_hidden=v["hidden_size"],
+        vision_depth=vision_depth, vision_heads=v["num_heads"], vision_intermediate=v["intermediate_size"],
+        window_size=v["window_size"], fullatt_block_indexes=[vision_depth - 1],
+        tie_word_embeddings=raw["tie_word_embeddings"], vocab_size=raw["vocab_size"],
+    )  # fmt: skip
+
+
 def write_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     spec = spec or TinySpec()
     if spec.text_hidden % spec.text_heads or spec.text_heads % spec.kv_heads:
@@ -120,7 +142,9 @@ def write_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(spec.bpe_vocab)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    vocab = -(-tok.get_vocab_size() // 64) * 64  # padded, as Qwen pads its embedding table
+    vocab = spec.vocab_size or -(-tok.get_vocab_size() // 64) * 64  # padded, as Qwen pads its embedding table
+    if vocab < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer's {tok.get_vocab_size()} tokens")
 
     config = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
@@ -211,9 +235,12 @@ def main(argv: list[str] | None = None) -> None:
             ap.add_argument(flag, type=int, nargs="+", default=value)
         else:
             ap.add_argument(flag, type=type(value), default=value)
+    ap.add_argument("--like", help="take every width from this released model (qwen2.5-vl-3b, qwen2.5-vl-7b); only "
+                                   "--text-layers, --vision-depth and --seed apply")  # fmt: skip
     args = vars(ap.parse_args(argv))
-    out = args.pop("out")
-    path = write_checkpoint(out, TinySpec(**args))
+    out, like = args.pop("out"), args.pop("like")
+    spec = spec_like(like, args["text_layers"], args["vision_depth"], args["seed"]) if like else TinySpec(**args)
+    path = write_checkpoint(out, spec)
     print(f"wrote {path}")
 
 

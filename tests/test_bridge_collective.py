@@ -250,7 +250,7 @@ def test_two_engine_actors_get_two_groups_and_a_restarted_engine_rejoins(rollout
 
         updated = noisy(params, seed=23)
         report = sync.push(updated, version=5)
-        assert report.engine_versions == [5] and pool.call_all("policy_version") == [5, 5]
+        assert report.engine_versions == [5, 5] and pool.call_all("policy_version") == [5, 5]
         assert verify_weights(target, updated, cfg) == 81  # every engine, tensor by tensor
 
         pool._restart(1)  # as after the actor died: a fresh engine, no group, the last push replayed by the pool
@@ -286,7 +286,7 @@ def test_collective_push_through_the_rollout_service_into_two_vllm_engines(rollo
         sync = WeightSync(target, cfg, transport=transport, bucket_bytes=1 << 20, dtype=run.rollout.dtype)
         updated = noisy(params, seed=25)
         report = sync.push(updated, version=7)
-        assert report.transport == "collective" and report.engine_versions == [7]
+        assert report.transport == "collective" and report.engine_versions == [7, 7]
         info = transport.describe()
         assert sorted(info) == [0, 1] and info[0]["name"] != info[1]["name"]
         assert all(info[k]["sender_rank"] == 0 and info[k]["engine_ranks"] == [1] for k in (0, 1))

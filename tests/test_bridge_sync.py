@@ -179,3 +179,102 @@ def test_object_store_push_through_the_rollout_service(rollout_ray, tiny_ckpt, l
     finally:
         service.shutdown()
         rollout_ray.kill(service.handle)
+
+
+# ---------------------------------------------------------------- the engines' versions, asked of the engines
+
+
+def _fake_engine_actor():
+    """A Ray actor class answering the pool's calls as an `EngineActor` does; `lags` engines ignore finish_update
+    (as an engine whose load silently failed, or one restarted without the replay, would keep its old version)."""
+    import os
+
+    import ray
+
+    class FakeEngine:  # local class: pickled by value into the worker
+        def __init__(self, engine_id: int, lags: bool = False):
+            self.engine_id, self.lags, self.version, self.tensors = engine_id, lags, 0, 0
+
+        def ready(self) -> int:
+            return os.getpid()
+
+        def update_weights(self, named, version, final):
+            self.tensors += len(named)
+
+        def finish_update(self, version):
+            if not self.lags:
+                self.version = version
+
+        def call(self, method, *args):
+            assert method == "policy_version", method
+            return self.version
+
+    return ray.remote(num_cpus=0)(FakeEngine)
+
+
+def fake_pool(num_engines: int, lagging=()):
+    """A real `RolloutPool` (its fan-out, replay, restart and version code) over fake engine actors."""
+    from rollout_torch.pool import EngineStats, RolloutPool
+
+    actor_cls = _fake_engine_actor()
+    pool = RolloutPool.__new__(RolloutPool)
+    pool.backend, pool.cfg, pool.max_restarts, pool._pg, pool._resources = "vllm", None, 3, None, {}
+    pool._new_actor = lambda engine: actor_cls.remote(engine)  # a restarted engine does not lag
+    pool.actors = [actor_cls.remote(i, i in lagging) for i in range(num_engines)]
+    pool._wait_ready(pool.actors)
+    pool.stats = [EngineStats(i) for i in range(num_engines)]
+    pool._buckets, pool._version, pool._pending, pool.restarts = [], 0, None, 0
+    return pool
+
+
+def service_over(pool, tiny_ckpt):
+    """The rollout service's own code (`RolloutService`) in this process, holding `pool`."""
+    from rollout_torch.service import RolloutService
+    from shared.config import Config
+
+    run = Config()
+    run.model.path = tiny_ckpt
+    service = RolloutService(run)
+    service._pool = pool
+    return service
+
+
+def test_a_lagging_engine_fails_the_version_check_of_a_push(rollout_ray, tiny_ckpt, learner):
+    """Before, the check compared the pool's own record of the last push with the version pushed, so it could not
+    fail; now every engine is asked. Engine 1 keeps version 0 after the push of version 1."""
+    from bridge.sync import engine_versions
+    from bridge.targets import ServiceTarget
+
+    cfg, params = learner
+    pool = fake_pool(2, lagging={1})
+    try:
+        target = ServiceTarget(service_over(pool, tiny_ckpt), "vllm")
+        sync = WeightSync(target, cfg, transport="object_store", bucket_bytes=4 << 20)
+        with pytest.raises(RuntimeError, match=r"after pushing version 1 the engines report versions \[1, 0\]: "
+                                               r"engine\(s\) \[1\] do not hold it"):  # fmt: skip
+            sync.push(params, version=1)
+        assert target.policy_version() == 1  # the pool's record, which the old check compared with itself
+        assert engine_versions(target) == engine_versions(pool) == [1, 0]
+    finally:
+        pool.shutdown()
+
+
+def test_engines_holding_the_push_pass_and_a_dead_one_is_restarted_and_counted(rollout_ray, tiny_ckpt, learner):
+    cfg, params = learner
+    pool = fake_pool(2)
+    try:
+        target = __import__("bridge.targets", fromlist=["ServiceTarget"]).ServiceTarget(
+            service_over(pool, tiny_ckpt), "vllm")
+        sync = WeightSync(target, cfg, transport="object_store", bucket_bytes=4 << 20)
+        report = sync.push(params, version=3)
+        assert report.engine_versions == [3, 3]  # one per engine
+        assert pool.engine_restarts() == 0
+        rollout_ray.kill(pool.actors[0], no_restart=True)  # dies between pushes
+        report = sync.push(params, version=4)  # the fan-out restarts it; the replay brings it to the push
+        assert report.engine_versions == [4, 4]
+        assert pool.engine_restarts() == 1 and pool.stats[0].restarts == 1
+        rollout_ray.kill(pool.actors[1], no_restart=True)
+        assert pool.engine_versions() == [4, 4]  # asked of a dead engine: restarted, replayed, asked again
+        assert target.service.pool_call("engine_restarts") == 2  # cumulative, what rollout/engine_restarts logs
+    finally:
+        pool.shutdown()

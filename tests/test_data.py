@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from shared.data import DataError, PromptSampler, load_rows
+from shared.data import DataError, PromptSampler, RowError, load_rows, load_rows_with_report, skip_metrics
 
 
 def test_synthetic_rows_load_with_images_and_pixel_bounds(synth_data):
@@ -17,24 +17,61 @@ def test_synthetic_rows_load_with_images_and_pixel_bounds(synth_data):
 
 
 @pytest.mark.parametrize(
-    "line, message",
+    "line, message, reason",
     [
-        ("not json", "not valid JSON"),
-        ('{"answer": "1"}', "missing key 'message'"),
-        ('{"message": "[bad", "answer": "1"}', "not a JSON message list"),
-        ('{"message": [{"role": "robot", "content": "x"}], "answer": "1"}', "role in"),
+        ("not json", "not valid JSON", "malformed"),
+        ('{"answer": "1"}', "missing key 'message'", "malformed"),
+        ('{"message": "[bad", "answer": "1"}', "not a JSON message list", "malformed"),
+        ('{"message": [{"role": "robot", "content": "x"}], "answer": "1"}', "role in", "malformed"),
+        ('{"message": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}], "answer": "1"}',
+         "neither text nor image", "malformed"),
         ('{"message": [{"role": "user", "content": [{"type": "image", "image": "missing.png"}]}], "answer": "1"}',
-         "missing.png does not exist"),
-        ('{"message": [{"role": "user", "content": "hi"}]}', "missing label key 'answer'"),
+         "missing.png does not exist", "image"),
+        ('{"message": [{"role": "user", "content": "hi"}]}', "missing label key 'answer'", "malformed"),
+        ('{"message": [{"role": "user", "content": "hi"}], "answer": ""}', "gold answer is empty", "gold"),
+        ('{"message": [{"role": "user", "content": "hi"}], "answer": null}', "gold answer is empty", "gold"),
+        ('{"message": [{"role": "user", "content": "hi"}], "answer": "$"}', "cannot parse the gold answer '$'", "gold"),
+        ('{"message": [{"role": "user", "content": "hi"}], "answer": "\\\\boxed{}"}', "cannot parse the gold", "gold"),
     ],
-)
-def test_bad_rows_name_file_and_line(tmp_path, line, message):
+)  # fmt: skip
+def test_bad_rows_name_file_line_and_what_was_expected(tmp_path, line, message, reason):
     path = tmp_path / "d.jsonl"
     good = json.dumps({"message": [{"role": "user", "content": "1+1?"}], "answer": "2"})
     path.write_text(good + "\n" + line + "\n")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(RowError) as e:
         load_rows(path)
-    assert f"{path}:2" in str(e.value) and message in str(e.value)
+    assert str(e.value).startswith(f"{path}:2") and message in str(e.value) and "; expected " in str(e.value)
+    assert e.value.reason == reason
+
+
+def test_non_utf8_bytes_are_a_bad_row_naming_line_and_byte(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"message": [{"role": "user", "content": "1+1?"}], "answer": "2"}).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n\n" + good.replace(b"1+1?", b"caf\xe9?") + b"\n")
+    column = good.index(b"1+1?") + 4  # 1-based column of the byte after "caf"
+    with pytest.raises(DataError, match=f"{path}:3: byte 0xe9 at column {column} is not UTF-8; expected UTF-8 text"):
+        load_rows(path)
+    rows, report = load_rows_with_report(path, on_bad_row="skip")
+    assert [r.line for r in rows] == [1] and report.skipped["malformed"] == 1
+
+
+def test_skip_drops_bad_rows_counts_them_by_reason_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "d.jsonl"
+    row = lambda answer: json.dumps({"message": [{"role": "user", "content": "q"}], "answer": answer})  # noqa: E731
+    missing = {"message": [{"role": "user", "content": [{"type": "image", "image": "nope.png"}]}], "answer": "1"}
+    path.write_text("\n".join([row("2"), row(""), "{", row("\\boxed{}"), json.dumps(missing), row("3")]) + "\n")
+    rows, report = load_rows_with_report(path, on_bad_row="skip")
+    assert [r.label for r in rows] == ["2", "3"] and [r.line for r in rows] == [1, 6]
+    assert report.kept == 2 and report.skipped == {"malformed": 1, "gold": 2, "image": 1, "too_long": 0}
+    assert report.first["gold"].startswith(f"{path}:2: ") and "skipped 1 malformed" in report.summary()
+    again = load_rows_with_report(path, on_bad_row="skip", max_rows=2)[1]  # stops at the second good row
+    assert skip_metrics([report, again]) == {"data/skipped_malformed": 2.0, "data/skipped_gold": 4.0,
+                                             "data/skipped_image": 2.0, "data/skipped_too_long": 0.0}  # fmt: skip
+    path.write_text(row("") + "\n" + row("$") + "\n")
+    with pytest.raises(DataError, match="no usable rows.*skipped 2 gold"):
+        load_rows_with_report(path, on_bad_row="skip")
+    with pytest.raises(ValueError, match="on_bad_row"):
+        load_rows(path, on_bad_row="drop")
 
 
 def test_sampler_is_resumable_and_mixes_by_weight(synth_data):

@@ -1,13 +1,14 @@
 """The LMM-R1 math reward, its registry, and the time-bounded worker pool."""
 import functools
 import os
+import signal
 import threading
 import time
 
 import pytest
 
-from shared.rewards import RewardPool, RewardResult, get_reward_fn, lmmr1
-from shared.rewards.lmmr1 import extract_response, format_score, lmmr1_math
+from shared.rewards import RewardPool, RewardResult, get_reward_fn, is_timeout, lmmr1
+from shared.rewards.lmmr1 import GoldError, extract_response, format_score, lmmr1_math
 
 T = "<think>x</think>"
 
@@ -59,9 +60,11 @@ def test_vectors(response, gold, fmt, acc):
     assert r.error is None
 
 
-def test_unparsable_gold_gives_full_accuracy():
-    # "$$" is no inline math for math-verify; the reference scores such a sample 1.0
-    assert lmmr1_math(T + "<answer>\\boxed{5}</answer>", "").accuracy == 1.0
+@pytest.mark.parametrize("gold", ["", "  ", "None", "\\boxed{}", "\\"])
+def test_unparsable_gold_is_an_error_not_a_score(gold):
+    # the reference scores such a sample 1.0 whatever the response: a reward that teaches nothing
+    with pytest.raises(GoldError):
+        lmmr1_math(T + "<answer>\\boxed{5}</answer>", gold)
 
 
 def test_extraction_from_full_chatml_sequence():
@@ -139,11 +142,19 @@ def test_pool_bounds_pathological_inputs_and_keeps_order(pool):
     assert time.monotonic() - start < 30
     assert len(HUGE) > 4_000_000
     assert [r.total for r in results] == [1.5, -1.0, 0.5, 1.5, 0.5]
-    assert results[1].error.startswith("timed out")
+    assert results[1].error.startswith("timed out") and is_timeout(results[1])
+    assert not any(is_timeout(r) for r in results[:1] + results[2:])
     assert pool.stats["timeouts"] - before["timeouts"] == 1
     assert pool.stats["restarts"] - before["restarts"] == 1
     # the replacement worker scores normally
     assert [r.total for r in pool.score([good] * 3, ["2"] * 3)] == [1.5] * 3
+
+
+def test_pool_returns_a_bad_gold_as_an_error(pool):
+    results = pool.score([RECIPE_VECTORS[0][0]] * 2, ["", "2"])
+    assert (results[0].total, results[1].total) == (-1.0, 1.5)
+    assert results[0].error.startswith("GoldError: the gold answer is empty") and not is_timeout(results[0])
+    assert results[1].error is None
 
 
 def test_pool_from_another_thread(pool):
@@ -167,17 +178,50 @@ def _crash_on_boom(query: str, label: str) -> RewardResult:
         raise ZeroDivisionError("no")
     if query == "wrong type":
         return 1.0
+    if query == "nan":
+        return RewardResult(float("nan"), 0.0, 0.0)
     return RewardResult(1.0, 0.0, 1.0)
 
 
 def test_pool_counts_errors_and_survives_crashes():
     with RewardPool(_crash_on_boom, num_workers=1, timeout_s=20.0, error_reward=0.25) as p:
-        results = p.score(["ok", "raise", "boom", "wrong type", "ok"], [""] * 5)
-        assert [r.total for r in results] == [1.0, 0.25, 0.25, 0.25, 1.0]
+        results = p.score(["ok", "raise", "boom", "wrong type", "nan", "ok"], [""] * 6)
+        assert [r.total for r in results] == [1.0, 0.25, 0.25, 0.25, 0.25, 1.0]
         assert "ZeroDivisionError" in results[1].error
-        assert "exited with code 3" in results[2].error
+        assert "exited with code 3, twice on this item" in results[2].error  # retried once on a fresh worker
         assert "must return RewardResult" in results[3].error
-        assert p.stats == {"items": 5, "errors": 3, "timeouts": 0, "restarts": 1}
+        assert "non-finite total nan" in results[4].error
+        assert not any(map(is_timeout, results))
+        assert p.stats == {"items": 6, "errors": 4, "timeouts": 0, "restarts": 2, "retries": 1}
+
+
+def _killed_once(query: str, marker: str) -> RewardResult:
+    """Scores len(query); the item "victim" first parks its worker, named in `marker`, for the test to kill."""
+    if query == "victim" and not os.path.exists(marker):
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)  # the test never reads a half-written pid
+        time.sleep(120)
+    return RewardResult(float(len(query)), 0.0, float(len(query)))
+
+
+def test_pool_rescores_the_item_of_a_killed_worker(tmp_path):
+    marker = tmp_path / "victim.pid"
+    queries = ["a", "bb", "victim", "dddd", "eeeee", "ffffff", "g"]
+    out = []
+    with RewardPool(_killed_once, num_workers=2, timeout_s=100.0) as p:
+        scoring = threading.Thread(target=lambda: out.append(p.score(queries, [str(marker)] * len(queries))))
+        scoring.start()
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(int(marker.read_text()), signal.SIGKILL)  # as the OOM killer would
+        scoring.join(90)
+        stats = dict(p.stats)
+    (results,) = out  # one result per sample, each the sample's own
+    assert [r.total for r in results] == [float(len(q)) for q in queries]
+    assert all(r.error is None for r in results)
+    assert stats == {"items": len(queries), "errors": 0, "timeouts": 0, "restarts": 1, "retries": 1}
 
 
 def test_pool_rejects_unpicklable_fn_and_bad_arguments():

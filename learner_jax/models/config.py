@@ -8,7 +8,7 @@ from shared.models.qwen2_5_vl_config import Qwen25VLConfig, TextConfig, VisionCo
 
 __all__ = ["ModelOptions", "Qwen25VLConfig", "TextConfig", "VisionConfig", "ATTENTION_IMPLS", "COMPUTE_DTYPES"]
 
-ATTENTION_IMPLS = ("softmax", "dot_product", "auto")
+ATTENTION_IMPLS = ("softmax", "dot_product", "cudnn", "auto")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -17,8 +17,10 @@ class ModelOptions:
     """How to run the model; parameters stay float32 whatever `dtype` says (the optimizer owns them).
 
     `attention`: softmax (explicit masked softmax, exact on CPU), dot_product (`jax.nn.dot_product_attention`,
-    which dispatches to fused kernels on GPU), auto (dot_product on GPU/TPU, softmax on CPU). `remat` recomputes
-    each layer in the backward pass; `unroll_layers` unrolls the layer scans.
+    XLA's composition with the [T, S] probabilities in memory), cudnn (cuDNN flash attention, CUDA GPUs, bfloat16
+    or float16, O(T) saved state), auto (`attention.resolve_attention`: softmax on CPU, cudnn on CUDA GPUs where
+    dtype and head dims allow, else dot_product). `remat` recomputes each layer in the backward pass;
+    `unroll_layers` unrolls the layer scans.
     """
 
     dtype: str = "float32"

@@ -58,13 +58,16 @@ class Qwen25VL(nnx.Module):
         return self.text.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
 
     def embed(self, batch: dict[str, Any], opts: ModelOptions) -> jnp.ndarray:
-        """Token embeddings [B, T, D] with the image features written over the `<|image_pad|>` tokens, in order."""
+        """Token embeddings [B, T, D] with the image features written over the image placeholders, in order: the
+        batch's `image_mask_BT` (the prompts' `<|image_pad|>` tokens), else every `<|image_pad|>`."""
         ids_BT = batch["input_ids_BT"]
         x_BTD = self.text.embed(ids_BT)
         if batch["pixel_values_PC"].shape[0] == 0:
             return x_BTD
         feats_MD = self.visual(batch["pixel_values_PC"], _plan(batch, self.cfg), opts)
-        is_img_BT = ids_BT == self.cfg.image_token_id
+        # The prompts' placeholders (`build_batch`): a sampled <|image_pad|> in a response is text, as for vLLM.
+        is_img_BT = batch.get("image_mask_BT")
+        is_img_BT = ids_BT == self.cfg.image_token_id if is_img_BT is None else is_img_BT.astype(bool)
         src_BT = batch.get("image_feature_idx_BT")
         if src_BT is None:  # every sample its own images: the k-th image token of the batch takes feature k
             src_BT = jnp.clip((jnp.cumsum(is_img_BT.reshape(-1)) - 1).reshape(ids_BT.shape), 0)

@@ -3,6 +3,8 @@
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -10,28 +12,36 @@ from .config import Qwen25VLConfig, TextConfig, VisionConfig
 
 
 def get_rope_index(
-    input_ids_BT: np.ndarray, image_grid_thw_N3: np.ndarray, attention_mask_BT: np.ndarray, cfg: Qwen25VLConfig
+    input_ids_BT: np.ndarray, image_grid_thw_N3: np.ndarray, attention_mask_BT: np.ndarray, cfg: Qwen25VLConfig,
+    prompt_mask_BT: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """3-D (temporal, height, width) position ids [3, B, T] computed on host.
 
     Text runs count on from the previous position; an image's `<|image_pad|>` run gets its merged grid
     (t, h/m, w/m) offset by the position before it, and text after it resumes at that offset + max(h, w)/m.
     Padding tokens (mask 0) get position 0. Images are consumed in order across the batch.
+
+    Only prompt tokens (`prompt_mask_BT`, default: every token) can be image placeholders. Tokens after the
+    prompt are text whatever their id: a sampled `<|image_pad|>`, `<|video_pad|>` or `<|vision_start|>` continues
+    the 1-D positions, as vLLM's decode does (`MRotaryEmbedding.get_next_input_positions_tensor`: position =
+    context length + the prompt's mrope delta). This is transformers' rule with `mm_token_type_ids` = 1 on the
+    prompt's image tokens only.
     """
     input_ids_BT = np.asarray(input_ids_BT)
     mask_BT = np.asarray(attention_mask_BT).astype(bool)
+    prompt_BT = mask_BT if prompt_mask_BT is None else mask_BT & np.asarray(prompt_mask_BT).astype(bool)
     grids = [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw_N3).reshape(-1, 3)]
-    if np.any(input_ids_BT[mask_BT] == cfg.video_token_id):
-        raise ValueError("video tokens are not supported (expected images only)")
+    if np.any(input_ids_BT[prompt_BT] == cfg.video_token_id):
+        raise ValueError("video tokens in a prompt are not supported (expected images only)")
+    placeholder_BT = prompt_BT & (input_ids_BT == cfg.image_token_id)
     m = cfg.vision.spatial_merge_size
     pos_3BT = np.zeros((3, *input_ids_BT.shape), np.int64)
     next_grid = 0
     for b in range(input_ids_BT.shape[0]):
-        ids = input_ids_BT[b][mask_BT[b]]
-        is_img = ids == cfg.image_token_id
+        is_img = placeholder_BT[b][mask_BT[b]]
         # Runs of equal modality: starts where the image flag changes.
         starts = np.flatnonzero(np.diff(is_img.astype(np.int8), prepend=2))
-        ends = np.append(starts[1:], len(ids))
+        ends = np.append(starts[1:], len(is_img))
         chunks, cur = [], 0
         for s, e in zip(starts, ends):
             if not is_img[s]:

@@ -6,7 +6,7 @@ from typing import Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import AttentionFn, get_attention
+from .attention import AttentionFn, cudnn_causal_attention, get_attention, resolve_attention
 from .config import ModelOptions, Qwen25VLConfig
 from .layers import Embed, Linear, RMSNorm, SwiGLU, scan_layers, stack
 from .lora import LoraSpec
@@ -45,17 +45,24 @@ class TextModel(nnx.Module):
     """Token embedding, `num_layers` decoder layers stacked on a leading axis (one `lax.scan`), final norm."""
 
     def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, lora: Optional[LoraSpec] = None):
+        self.head_dim = cfg.text.head_dim
         self.embed = Embed(cfg, "text/embed", rngs=rngs)
         self.layers = stack(lambda r: DecoderLayer(cfg, rngs=r, lora=lora), cfg.text.num_layers, rngs)
         self.norm = RMSNorm(cfg, "text/norm", cfg.text.rms_norm_eps, rngs=rngs)
 
     def __call__(self, x_BTD, cos_BTK, sin_BTK, attention_mask_BT, opts: ModelOptions) -> jnp.ndarray:
         """Final-normed hidden states [B, T, D] of the input embeddings `x_BTD`. Causal attention restricted to
-        non-padding keys."""
+        non-padding keys: a [B, T, T] mask for softmax / dot_product, the row lengths for cudnn."""
         T = x_BTD.shape[1]
-        causal_TT = jnp.tril(jnp.ones((T, T), bool))
-        mask_BTT = causal_TT[None] & attention_mask_BT.astype(bool)[:, None, :]
+        if resolve_attention(opts.attention, opts.dtype, (self.head_dim,)) == "cudnn":
+            # cuDNN masks from the row lengths: no [B, T, T] mask is built.
+            valid_BT = attention_mask_BT.astype(bool)
+            mask_BTT = None
+            attn = lambda q, k, v, _: cudnn_causal_attention(q, k, v, valid_BT)  # noqa: E731
+        else:
+            causal_TT = jnp.tril(jnp.ones((T, T), bool))
+            mask_BTT = causal_TT[None] & attention_mask_BT.astype(bool)[:, None, :]
+            attn = get_attention(opts.attention)
         cos_BTK, sin_BTK = cos_BTK.astype(x_BTD.dtype), sin_BTK.astype(x_BTD.dtype)
-        attn = get_attention(opts.attention)
         layer = lambda x, mod: mod(x, cos_BTK, sin_BTK, mask_BTT, attn)  # noqa: E731
         return self.norm(scan_layers(layer, x_BTD, self.layers, opts))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import AttentionFn, get_attention
+from .attention import AttentionFn, cudnn_padded_attention, get_attention, resolve_attention
 from .config import ModelOptions, Qwen25VLConfig, VisionConfig
 from .layers import Linear, RMSNorm, SwiGLU, param, scan_layers, stack
 from .lora import LoraSpec
@@ -20,11 +20,16 @@ _EPS = 1e-6  # fixed in the reference vision tower, not configurable
 BLOCKS = "visual/blocks"
 
 
-def group_attention(q_PHK, k_PHK, v_PHK, idx_GS, attn: AttentionFn):
-    """Attention inside each group of patch indices (a row of `idx_GS`; index P marks an empty slot)."""
+def group_attention(q_PHK, k_PHK, v_PHK, idx_GS, attn: Optional[AttentionFn]):
+    """Attention inside each group of patch indices (a row of `idx_GS`; index P marks an empty slot). The plan
+    fills each row from slot 0 (`vision_plan._groups`), so a row's valid slots are its first ones: `attn` None
+    runs cuDNN on the row lengths instead of a [G, S, S] mask."""
     P = q_PHK.shape[0]
     valid_GS = idx_GS < P
     take = lambda x: x.at[idx_GS].get(mode="fill", fill_value=0)  # noqa: E731
+    if attn is None:
+        o_GSHK = cudnn_padded_attention(take(q_PHK), take(k_PHK), take(v_PHK), valid_GS)
+        return jnp.zeros_like(q_PHK).at[idx_GS].set(o_GSHK, mode="drop")
     mask_GSS = jnp.broadcast_to(valid_GS[:, None, :], (*idx_GS.shape, idx_GS.shape[1]))
     o_GSHK = attn(take(q_PHK), take(k_PHK), take(v_PHK), mask_GSS)
     return jnp.zeros_like(q_PHK).at[idx_GS].set(o_GSHK, mode="drop")
@@ -38,7 +43,7 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(cfg, f"{BLOCKS}/attn/qkv", rngs=rngs, lora=lora)
         self.proj = Linear(cfg, f"{BLOCKS}/attn/proj", rngs=rngs, lora=lora)
 
-    def __call__(self, h_PD, cos_PK, sin_PK, idx_GS, attn: AttentionFn) -> jnp.ndarray:
+    def __call__(self, h_PD, cos_PK, sin_PK, idx_GS, attn: Optional[AttentionFn]) -> jnp.ndarray:
         P = h_PD.shape[0]
         qkv_P3HK = self.qkv(h_PD).reshape(P, 3, self.num_heads, self.head_dim)
         # RoPE in float32 then back to the compute dtype, as the reference does.
@@ -54,7 +59,7 @@ class VisionBlock(nnx.Module):
         self.norm2 = RMSNorm(cfg, f"{BLOCKS}/norm2", _EPS, rngs=rngs)
         self.mlp = SwiGLU(cfg, f"{BLOCKS}/mlp", rngs=rngs, lora=lora)
 
-    def __call__(self, x_PD, cos_PK, sin_PK, idx_GS, attn: AttentionFn) -> jnp.ndarray:
+    def __call__(self, x_PD, cos_PK, sin_PK, idx_GS, attn: Optional[AttentionFn]) -> jnp.ndarray:
         x_PD = x_PD + self.attn(self.norm1(x_PD), cos_PK, sin_PK, idx_GS, attn)
         return x_PD + self.mlp(self.norm2(x_PD))
 
@@ -107,7 +112,8 @@ class VisionTower(nnx.Module):
         # Patch embedding acts row by row, so reordering the pixels first equals reordering its output.
         x_PD = self.patch_embed(pixels_PC[plan["vision_perm_P"]])
         cos_PK, sin_PK = vision_cos_sin(plan["vision_pos_P2"], self.cfg)
-        attn = get_attention(opts.attention)
+        fused = resolve_attention(opts.attention, opts.dtype, (self.cfg.head_dim,)) == "cudnn"
+        attn = None if fused else get_attention(opts.attention)
         # One scan per run of same-kind blocks: full-attention blocks group by image, the others by window.
         for start, end, full in _runs(self.cfg):
             idx_GS = plan["vision_image_idx_GS"] if full else plan["vision_window_idx_GS"]

@@ -52,14 +52,17 @@ def policy_loss(
     dual_clip: Optional[float] = None,
     rollout_logp_BT: Optional[jax.Array] = None,
     tis_cap: Optional[float] = None,
+    correction: str = "tis",
     agg: str = "token_mean",
     num_tokens=None,
 ) -> tuple[jax.Array, dict]:
     """PPO-clip: -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A), rho = pi/pi_old.
 
-    dual_clip c > 1 bounds the loss of negative-advantage tokens by -c*A. With `tis_cap`, each token's loss is
-    weighted by min(pi_old/pi_engine, cap), correcting for log-prob gaps between the rollout engine and the
-    learner (truncated importance sampling); the weight carries no gradient.
+    dual_clip c > 1 bounds the loss of negative-advantage tokens by -c*A. pi_old is the learner's own policy before
+    the update (the proximal policy); the engine that sampled the tokens (the behaviour policy: a stale version
+    under asynchronous rollouts, or the same weights in another precision) is corrected for by weighting each
+    token's loss by pi_old/pi_engine, without gradient: "tis" truncates the weight at `tis_cap` and applies it only
+    when a cap is set; "decoupled" always applies it, truncated only if `tis_cap` is set (decoupled PPO).
     """
     eps_high = eps_low if eps_high is None else eps_high
     valid_BT = mask_BT.astype(bool)
@@ -79,11 +82,14 @@ def policy_loss(
         "approx_kl": masked_mean(-log_ratio_BT, mask_BT),
         "ratio_mean": masked_mean(ratio_BT, mask_BT),
     }
-    if tis_cap is not None:
+    if correction not in ("tis", "decoupled"):
+        raise ValueError(f"correction: expected tis or decoupled, got {correction!r}")
+    if tis_cap is not None or correction == "decoupled":
         if rollout_logp_BT is None:
-            raise ValueError("tis_cap needs rollout_logp_BT, the rollout engine's log-probs")
+            raise ValueError("an importance weight needs rollout_logp_BT, the rollout engine's log-probs")
         engine_gap_BT = jnp.where(valid_BT, old_logp_BT - rollout_logp_BT, 0.0)
-        weight_BT = jax.lax.stop_gradient(jnp.minimum(jnp.exp(engine_gap_BT), tis_cap))
+        weight_BT = jnp.exp(engine_gap_BT) if tis_cap is None else jnp.minimum(jnp.exp(engine_gap_BT), tis_cap)
+        weight_BT = jax.lax.stop_gradient(weight_BT)
         loss_BT = loss_BT * weight_BT
         metrics["tis_weight_mean"] = masked_mean(weight_BT, mask_BT)
     return aggregate(loss_BT, mask_BT, agg, num_tokens), metrics
@@ -161,6 +167,7 @@ def actor_loss(
         dual_clip=cfg_algo.dual_clip,
         rollout_logp_BT=rollout_logp_BT,
         tis_cap=cfg_algo.tis_cap,
+        correction=cfg_algo.off_policy_correction,
         agg=agg,
         num_tokens=num_tokens,
     )

@@ -2,7 +2,8 @@
 
 A reward function is `fn(query, label) -> RewardResult`, where `query` is the full decoded prompt + response
 (what the reference trainer sends to its reward server). It must be importable by name so that worker
-processes and the reward server can load it.
+processes and the reward server can load it. Both scorers return one result per sample; a result that is not a
+real score has `error` set, and `is_timeout(result)` tells the ones that ran out of time.
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from typing import Union
 
 from shared.rewards.client import RemoteReward
 from shared.rewards.lmmr1 import RewardResult, lmmr1_math
-from shared.rewards.pool import RewardFn, RewardPool
+from shared.rewards.pool import RewardFn, RewardPool, is_timeout
 
 BUILTIN: dict[str, RewardFn] = {"lmmr1_math": lmmr1_math}
 
-__all__ = ["BUILTIN", "RemoteReward", "RewardFn", "RewardPool", "RewardResult", "get_reward_fn", "make_scorer"]
+__all__ = ["BUILTIN", "RemoteReward", "RewardFn", "RewardPool", "RewardResult", "get_reward_fn", "is_timeout",
+           "make_scorer"]
 
 
 def _import(path: str) -> RewardFn:
@@ -57,6 +59,6 @@ def get_reward_fn(name_or_path: str, format_reward: bool = True) -> RewardFn:
 def make_scorer(cfg_reward) -> Union[RewardPool, RemoteReward]:
     """The scorer a `RewardConfig` describes: a reward server when `remote_url` is set, else local workers."""
     if cfg_reward.remote_url:
-        return RemoteReward(cfg_reward.remote_url)
+        return RemoteReward(cfg_reward.remote_url, batch_size=cfg_reward.remote_batch_size)
     fn = get_reward_fn(cfg_reward.fn, cfg_reward.format_reward)
     return RewardPool(fn, cfg_reward.num_workers, cfg_reward.timeout_s, cfg_reward.error_reward)

@@ -60,15 +60,28 @@ def format_score(response: str) -> float:
     return FORMAT_REWARD if ok else 0.0
 
 
-def accuracy_score(response: str, label: str) -> float:
-    """1.0 if math-verify finds the gold answer in the whole response (not only the <answer> span).
+class GoldError(ValueError):
+    """A gold answer that math-verify cannot parse: rewarding against it would score every response alike."""
 
-    A gold that math-verify cannot parse gives 1.0, as in the reference: such a sample teaches nothing either way.
+
+def parse_gold(label: object) -> list:
+    """math-verify's parse of a gold answer; `GoldError` saying why for an empty or unparsable one.
+
+    The data loader calls this on every row, so a bad label is named at load time; the reward refuses one too
+    (the reference scores it 1.0 for every response, which rewards nothing in particular).
     """
+    if not isinstance(label, str) or not label.strip() or label.strip() == "None":
+        raise GoldError(f"the gold answer is empty or not a string ({label!r})")
     gold = label if label.startswith("$") else f"${label}$"
-    gold_parsed = parse(gold, extraction_config=GOLD_CONFIG, extraction_mode="first_match", parsing_timeout=None)
-    if not gold_parsed:
-        return ACCURACY_REWARD
+    parsed = parse(gold, extraction_config=GOLD_CONFIG, extraction_mode="first_match", parsing_timeout=None)
+    if not parsed:
+        raise GoldError(f"math-verify cannot parse the gold answer {label!r}")
+    return parsed
+
+
+def accuracy_score(response: str, label: str) -> float:
+    """1.0 if math-verify finds the gold answer in the whole response (not only the <answer> span)."""
+    gold_parsed = parse_gold(label)
     pred_parsed = parse(response, extraction_config=PRED_CONFIG, extraction_mode="first_match", parsing_timeout=None)
     return ACCURACY_REWARD * float(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 

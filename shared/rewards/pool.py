@@ -2,10 +2,12 @@
 
 math-verify can spend unbounded time on adversarial LaTeX (and its signal-based timeout only works in the main
 thread), so every item runs in a process that is killed and replaced when its time is up. The rollout then
-gets `error_reward` for that item instead of stalling.
+gets `error_reward` for that item instead of stalling. Every result that is not a real score carries `error`; the
+ones that ran out of time are told apart by `is_timeout`, also after a trip through the reward server.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import pickle
 import signal
@@ -20,6 +22,11 @@ from shared.rewards.lmmr1 import RewardResult
 
 RewardFn = Callable[[str, str], RewardResult]  # (decoded query, label) -> result
 _READY, _FATAL, _OK, _ERROR = "ready", "fatal", "ok", "error"
+TIMEOUT_ERROR = "timed out"  # how the error of an item that ran out of time begins
+
+
+def is_timeout(result: RewardResult) -> bool:
+    return result.error is not None and result.error.startswith(TIMEOUT_ERROR)
 
 
 def _worker_main(fn_blob: bytes, conn: Connection) -> None:
@@ -39,6 +46,8 @@ def _worker_main(fn_blob: bytes, conn: Connection) -> None:
             result = fn(query, label)
             if not isinstance(result, RewardResult):
                 raise TypeError(f"reward function must return RewardResult, got {type(result).__name__}")
+            if not math.isfinite(result.total):  # one NaN would poison the advantages of the whole batch
+                raise ValueError(f"reward function returned a non-finite total {result.total}")
             conn.send((_OK, result))
         except Exception as e:
             conn.send((_ERROR, f"{type(e).__name__}: {e}"))
@@ -64,7 +73,9 @@ class RewardPool:
     """`score(queries, labels)` -> one RewardResult per item, in input order.
 
     Items that time out, raise, or crash their worker get `RewardResult(error_reward, 0, error_reward, error=...)`
-    and are counted in `stats`. Calls from several threads are serialised; the workers are shared.
+    and are counted in `stats`. An item whose worker dies under it (killed from outside, or by the item) is retried
+    once on a fresh worker, so a worker lost to an OOM kill costs no score. Calls from several threads are
+    serialised; the workers are shared.
     """
 
     def __init__(self, fn: RewardFn, num_workers: int = 4, timeout_s: float = 10.0, error_reward: float = 0.0):
@@ -84,7 +95,7 @@ class RewardPool:
         self._ctx = mp.get_context("spawn")  # fork is unsafe in a process that runs JAX or Ray threads
         self._lock = threading.Lock()
         self._workers = [_Worker(self._ctx, self._fn_blob) for _ in range(num_workers)]
-        self.stats = {"items": 0, "errors": 0, "timeouts": 0, "restarts": 0}
+        self.stats = {"items": 0, "errors": 0, "timeouts": 0, "restarts": 0, "retries": 0}
 
     def score(self, queries: Sequence[str], labels: Sequence[str]) -> list[RewardResult]:
         if len(queries) != len(labels):
@@ -110,6 +121,7 @@ class RewardPool:
     def _run(self, queries: list[str], labels: list[str]) -> list[RewardResult]:
         results: list[Optional[RewardResult]] = [None] * len(queries)
         todo = deque(range(len(queries)))
+        crashed: set[int] = set()  # items of this batch that already lost a worker
         remaining = len(queries)
         while remaining:
             for w in self._workers:
@@ -128,16 +140,16 @@ class RewardPool:
             readable = wait([w.conn for w in self._workers], timeout=max(wait_s, 0.0))
             for w in list(self._workers):
                 if w.conn in readable:
-                    remaining -= self._receive(w, results)
+                    remaining -= self._receive(w, results, todo, crashed)
                 elif w.item is not None and time.monotonic() >= w.deadline:
-                    results[w.item] = self._error(f"timed out after {self.timeout_s:g} s")
+                    results[w.item] = self._error(f"{TIMEOUT_ERROR} after {self.timeout_s:g} s")
                     self.stats["timeouts"] += 1
                     remaining -= 1
                     self._replace(w)
         self.stats["items"] += len(queries)
         return results  # type: ignore[return-value]
 
-    def _receive(self, w: _Worker, results: list) -> int:
+    def _receive(self, w: _Worker, results: list, todo: deque, crashed: set) -> int:
         """Handle one message from `w`; returns how many items it finished (0 or 1)."""
         try:
             kind, payload = w.conn.recv()
@@ -155,13 +167,19 @@ class RewardPool:
             self._replace(w)
             return 0
         i, w.item = w.item, None
+        if kind is None:
+            self._replace(w)
+            if i not in crashed:
+                crashed.add(i)
+                self.stats["retries"] += 1
+                todo.appendleft(i)
+                return 0
+            payload += ", twice on this item"
         if kind == _OK:
             results[i] = payload
             return 1
         results[i] = self._error(payload)
         self.stats["errors"] += 1
-        if kind is None:
-            self._replace(w)
         return 1
 
     def _kill_all(self) -> None:
