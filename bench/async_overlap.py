@@ -3,9 +3,9 @@ and held-out text accuracy after 30 rollouts for k = 0 and 1 over three seeds.
 
     python bench/async_overlap.py [--rollouts 10] [--seeds 1 2 3] [--accuracy-rollouts 30] [--skip-accuracy]
 
-The engine computes on core 0 (`VLLM_CPU_OMP_THREADS_BIND=0`, one thread) and the learner on core 1 (this process
-and what it starts are pinned there before JAX and Ray start), so the two halves can overlap as they would on
-separate accelerators. Samples per second counts iterations 2..N (the first compiles), from each iteration's phase
+The engine's process runs on core 0 (`rollout.cpu_affinity: [0]`, one thread) and the learner on core 1 (this
+process and what it starts are pinned there before JAX and Ray start), so the two halves can overlap as they would
+on separate accelerators. Samples per second counts iterations 2..N (the first compiles), from each iteration's phase
 times in metrics.jsonl. k > 0 uses truncated importance sampling with cap 2. Writes bench/results/async_overlap.json.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def pin() -> None:
-    os.sched_setaffinity(0, {1})  # the learner and everything it starts; the engine's compute threads bind to 0
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"
+    os.sched_setaffinity(0, {1})  # the learner and everything it starts; the engine pins itself to core 0
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"  # vLLM's compute threads, which it binds itself
 
 
 def stage_config(base, k: int, seed: int, rollouts: int, root: Path, tag: str):
@@ -36,7 +36,7 @@ def stage_config(base, k: int, seed: int, rollouts: int, root: Path, tag: str):
     cfg = copy.deepcopy(cfg)
     cfg.rollout.max_staleness = k
     cfg.algo.tis_cap = 2.0 if k > 0 else None
-    cfg.rollout.num_engines, cfg.rollout.cpu_threads_per_engine = 1, 1
+    cfg.rollout.num_engines, cfg.rollout.cpu_threads_per_engine, cfg.rollout.cpu_affinity = 1, 1, [0]
     cfg.train.max_rollouts, cfg.train.save_steps, cfg.train.eval_steps = rollouts, rollouts, 0
     cfg.train.seed = seed
     return cfg
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--accuracy-rollouts", type=int, default=30)
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "async_overlap.json"))
     args = ap.parse_args()
     pin()
@@ -70,11 +71,16 @@ def main() -> None:
     from learner_jax.trainer import train
     from shared.config import load_config
 
+    import shutil
+
     base = load_config("demo", ["ray.num_cpus=2"])
+    for tag in ([] if args.skip_throughput else ["tp"]) + ([] if args.skip_accuracy else ["acc"]):
+        for old in (CACHE / "bench_async" / "runs").glob(f"{tag}_*"):  # runs of an earlier invocation
+            shutil.rmtree(old)
     start_ray(base.ray)
     prepare(base)
     out: dict = {"cores": {"engine": 0, "learner": 1}, "throughput": {}, "accuracy": {}}
-    for k in args.ks:  # one run each, interleaved order kept simple: the machine is otherwise idle
+    for k in [] if args.skip_throughput else args.ks:  # one run each; the machine should be otherwise idle
         cfg = stage_config(base, k, 1, args.rollouts, CACHE, "tp")
         start = time.perf_counter()
         train(cfg)

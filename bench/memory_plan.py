@@ -42,7 +42,7 @@ CHUNK = 1024  # the learner's default log-prob chunk
 
 def measure(ckpt: str, micro: int, seq_len: int, remat: bool, strategy_name: str, devices: int) -> dict:
     cfg = load_config("qwen25vl_3b_shapes", [
-        f"model.path={ckpt}", f"model.remat={remat}", f"train.micro_train_batch_size={micro}",
+        f"model.path={ckpt}", "model.dtype=float32", f"model.remat={remat}", f"train.micro_train_batch_size={micro}",
         "data.prompt_max_len=" + str(seq_len - 16), "rollout.generate_max_len=16", "algo.init_kl_coef=0",
         f"sharding.strategy={strategy_name}", "sharding.data=" + ("1" if strategy_name == "zero3" else "-1"),
         f"sharding.fsdp={devices if strategy_name == 'zero3' else 1}",

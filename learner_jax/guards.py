@@ -38,10 +38,17 @@ def check_finite(tree: Any, what: str) -> None:
     """Raise `NonFiniteError` naming `what` and the first non-finite leaves (tree paths) if any floating leaf
     of `tree` holds a NaN or an Inf."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    floats = [(p, x) for p, x in flat if jnp.issubdtype(getattr(x, "dtype", np.asarray(x).dtype), jnp.inexact)]
+    # `.dtype` only: converting an array that spans other processes' devices to numpy is not possible
+    floats = [(p, x) for p, x in flat if jnp.issubdtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype,
+                                                        jnp.inexact)]  # fmt: skip
     if not floats:
         return
-    flags = np.asarray(jax.device_get(_flags(tuple(x for _, x in floats))))
+    flags = _flags(tuple(x for _, x in floats))
+    if not flags.is_fully_addressable:  # inputs spread over processes: every process reads the same flags
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(flags, tiled=True)
+    flags = np.asarray(jax.device_get(flags))  # the one device-to-host read
     bad = np.flatnonzero(flags.any(axis=1))
     if not len(bad):
         return

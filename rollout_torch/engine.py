@@ -51,6 +51,7 @@ class EngineConfig:
     # largest image allowed; without them it takes the processor's (12.8M pixels: a 65k-patch dummy image).
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
+    cpu_affinity: tuple[int, ...] = ()  # CPU cores the engine's process runs on (empty: wherever the OS puts it)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -72,7 +73,7 @@ class EngineConfig:
             kv_cache_bytes=None if torch.cuda.is_available() else int(r.kv_cache_gib * (1 << 30)),
             enable_prefix_caching=r.enable_prefix_caching, tensor_parallel_size=r.tensor_parallel_size,
             gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep=r.colocate,
-            min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels,
+            min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels, cpu_affinity=tuple(r.cpu_affinity),
         )  # fmt: skip
         # The collective route's form is decided once, by the learner's platform as the config fixes it
         # (`LearnerConfig.platform`, to which `learner_jax.launch.process_env` pins the learner's JAX; the bridge

@@ -29,6 +29,8 @@ class EngineActor:
     """Holds one engine; every method runs in the actor's process."""
 
     def __init__(self, backend: str, cfg: EngineConfig, engine_id: int):
+        if cfg.cpu_affinity:  # before the backend starts its compute threads, which inherit it
+            pin_process(cfg.cpu_affinity)
         self.engine = make_engine(backend, cfg, engine_id)
 
     def ready(self) -> int:
@@ -59,6 +61,16 @@ class EngineActor:
 
 
 _REMOTE_ENGINE = ray.remote(EngineActor)
+
+
+def pin_process(cpus: Iterable[int]) -> None:
+    """Every thread of this process onto `cpus` (Ray's own threads already run; new ones inherit the mask)."""
+    cpus = set(cpus)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            pass
 
 
 @dataclass

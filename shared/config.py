@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,9 @@ class RolloutConfig:
     # CPU engines: compute threads of each (None: the machine's cores shared among the engines, since the learner
     # idles while they generate). Ray would otherwise pin an actor holding one CPU to one thread.
     cpu_threads_per_engine: Optional[int] = None
+    # CPU engines: the cores their processes are pinned to (empty: no pinning), e.g. [0] to keep them off the
+    # learner's cores so that generation and learning overlap (rollout.max_staleness > 0).
+    cpu_affinity: list[int] = field(default_factory=list)
     # Where engines run: one Ray placement-group bundle per engine holding `engine_resources` (Ray resource names:
     # CPU, GPU, or custom ones such as a node label), packed onto few nodes or spread over many.
     placement: str = "pack"
@@ -510,6 +514,9 @@ def _validate_rollout(r: RolloutConfig) -> None:
         raise ConfigError(f"rollout.top_k: must be -1 (off) or >= 1, got {r.top_k}")
     _number("rollout.kv_cache_gib", r.kv_cache_gib, 0.0, open_low=True)
     _count("rollout.max_staleness", r.max_staleness, 0)
+    cores = os.cpu_count() or 1
+    if any(not isinstance(c, int) or not 0 <= c < cores for c in r.cpu_affinity):
+        raise ConfigError(f"rollout.cpu_affinity: expected core numbers in [0, {cores}), got {r.cpu_affinity}")
     if r.colocate and r.max_staleness > 0:
         raise ConfigError(f"rollout.colocate: colocated engines sleep while the learner works, so they cannot generate "
                           f"ahead of it; set rollout.max_staleness to 0 (got {r.max_staleness})")  # fmt: skip

@@ -35,6 +35,7 @@ def test_one_version_old_samples_are_trained_on_with_the_importance_weight(ray_s
     assert all(0.0 <= r["overlap/engines_idle_fraction"] <= 1.0 for r in rows)
 
 
+@pytest.mark.slow
 def test_a_resumed_asynchronous_run_equals_the_uninterrupted_one(ray_session, tiny_ckpt, synth_data, tmp_path):
     from learner_jax.trainer import train
 

@@ -172,3 +172,20 @@ def test_an_engine_gets_the_threads_it_is_given_not_rays_one(rollout_ray, tiny_c
         assert ray.get(pool.actors[0].threads.remote()) == 2
     finally:
         pool.shutdown()
+
+
+def test_pin_process_moves_every_thread_of_the_process(tmp_path):
+    """`rollout.cpu_affinity`: the engine actor pins all its threads, those already running included."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, threading, time\n"
+        "from rollout_torch.pool import pin_process\n"
+        "t = threading.Thread(target=time.sleep, args=(5,), daemon=True); t.start()\n"
+        "pin_process([0])\n"
+        "print(sorted({min(os.sched_getaffinity(int(tid))) for tid in os.listdir('/proc/self/task')}),"
+        " sorted({len(os.sched_getaffinity(int(tid))) for tid in os.listdir('/proc/self/task')}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split("\n")[0] == "[0] [1]"
