@@ -43,6 +43,8 @@ CHUNK = 1024  # the learner's default log-prob chunk
 def measure(ckpt: str, micro: int, seq_len: int, remat: bool, strategy_name: str, devices: int) -> dict:
     cfg = load_config("qwen25vl_3b_shapes", [
         f"model.path={ckpt}", "model.dtype=float32", f"model.remat={remat}", f"train.micro_train_batch_size={micro}",
+        f"train.train_batch_size={2 * micro * devices}",  # two micro-batches per step: the accumulating program
+        f"rollout.rollout_batch_size={micro * devices}",  # x 2 samples: one step per rollout
         "data.prompt_max_len=" + str(seq_len - 16), "rollout.generate_max_len=16", "algo.init_kl_coef=0",
         f"sharding.strategy={strategy_name}", "sharding.data=" + ("1" if strategy_name == "zero3" else "-1"),
         f"sharding.fsdp={devices if strategy_name == 'zero3' else 1}",
@@ -68,7 +70,8 @@ def measure(ckpt: str, micro: int, seq_len: int, remat: bool, strategy_name: str
     mask = np.ones((rows, seq_len - 1), np.float32)
     placed, extra = step.place_micro_batch(batch, mask)
     sums = {"loss": jnp.zeros((), jnp.float32)}
-    compiled = step._accumulate.lower(params, step.frozen, step._zeros(), sums, placed, extra, ()).compile()
+    compiled = step._accumulate.lower(params, step.frozen, step._zeros(), sums, placed, extra, (),
+                                      jnp.float32(1)).compile()  # fmt: skip
     xla = compiled.memory_analysis()
     measured = {"params": sum(device_bytes(params).values()), "grads": sum(device_bytes(step._zeros()).values()),
                 "opt_state": sum(device_bytes(opt).values()), "activations": int(xla.temp_size_in_bytes)}  # fmt: skip

@@ -113,10 +113,12 @@ def main() -> None:
                                micro_batch=MICRO // strategy.data_parallel_size, seq_len=SEQ, compute_dtype="float32",
                                remat=False, fused_attention=False, logprob_chunk=256)  # fmt: skip
         live = {"params": _live_bytes(params), "opt_state": _live_bytes(opt)}
-        batch, extra = step.place_micro_batch(*batches[0])
+        batch, inputs = step.place_micro_batch(*batches[0])
         sums = {"loss": jnp.zeros((), jnp.float32)}
-        acc = step._accumulate.lower(params, step._zeros(), sums, batch, *extra).compile().memory_analysis()
-        app = step._apply.lower(params, opt, step._zeros(), jnp.float32(1.0)).compile().memory_analysis()
+        acc = step._accumulate.lower(params, step.frozen, step._zeros(), sums, batch, inputs, (),
+                                     jnp.float32(1.0)).compile().memory_analysis()  # fmt: skip
+        prep = step._prepare.lower(step._pre_state(opt), step._zeros()).compile().memory_analysis()
+        app = step._apply.lower(params, opt, step._zeros(), jnp.bool_(True)).compile().memory_analysis()
         result["strategies"][name] = {
             "mesh": strategy.sizes,
             "first_step_s": round(first, 3),
@@ -129,7 +131,8 @@ def main() -> None:
                                           and live["opt_state"] == report.leaves["opt_state"],
             "xla_per_device": {"accumulate_temp": acc.temp_size_in_bytes,
                                "accumulate_args": acc.argument_size_in_bytes,
-                               "apply_temp": app.temp_size_in_bytes, "apply_args": app.argument_size_in_bytes},
+                               "clip_temp": prep.temp_size_in_bytes, "apply_temp": app.temp_size_in_bytes,
+                               "apply_args": app.argument_size_in_bytes},
         }  # fmt: skip
         print(f"{name}: step {statistics.median(times):.3f} s, first {first:.1f} s", file=sys.stderr)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,17 @@
 """Engine-side calls of the bridge: what an engine process runs to report the weights it holds.
 
-`weight_checksums(engine, names)` fingerprints the tensors an engine actually computes with (its `named_weights`,
-in its own naming), a few at a time so no full float32 copy of the model is made. `EngineHost` puts an engine and
-these calls in one object for a Ray actor (`learner_jax.placement.spawn("bridge.receiver:EngineHost", ...)`);
-a pool of engine actors exposes the same two calls per engine. No jax here.
+`weight_checksums(engine, names)` fingerprints the tensors an engine actually computes with, in its own naming;
+the engine computes them in its process, block by block, so no float32 copy of the model is made or moved.
+`EngineHost` puts an engine and these calls in one object for a Ray actor
+(`learner_jax.placement.spawn("bridge.receiver:EngineHost", ...)`); a pool of engine actors exposes the same two
+calls per engine. No jax here.
 """
 from __future__ import annotations
 
 import sys
 from typing import Any, Iterable
 
-from .checksum import Checksum
+from shared.checksum import Checksum
 from .payload import to_torch
 
 _ENGINES = (
@@ -29,14 +30,9 @@ def engine_naming(engine: Any) -> str:
                     f"{[c for _, c, _ in _ENGINES]})")  # fmt: skip
 
 
-def weight_checksums(engine: Any, names: Iterable[str], per_call: int = 16) -> dict[str, Checksum]:
-    """Checksums of the named tensors (engine naming), `per_call` tensors per `named_weights` call."""
-    names = list(names)
-    out: dict[str, Checksum] = {}
-    for start in range(0, len(names), per_call):
-        for name, array in engine.named_weights(names[start:start + per_call]).items():
-            out[name] = Checksum.of(array)
-    return out
+def weight_checksums(engine: Any, names: Iterable[str]) -> dict[str, Checksum]:
+    """Checksums of the named tensors (engine naming), computed by the engine where its weights live."""
+    return engine.weight_checksums(list(names))
 
 
 class EngineHost:

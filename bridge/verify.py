@@ -19,7 +19,7 @@ from shared.models.qwen2_5_vl_config import Qwen25VLConfig
 from shared.models.qwen2_5_vl_params import NAMINGS, Params, engine_tensors
 from shared.records import Prompt, Sample, VisionInputs
 
-from .checksum import Checksum
+from shared.checksum import Checksum
 from .convert import gather, hf_layout, plan_buckets, policy_entries, resolve_dtype, wire_itemsizes
 from .transport import is_local_engine
 

@@ -131,12 +131,14 @@ def tree_bytes(tree: Any, shardings: Any) -> dict[str, int]:
 
 def memory_report(strategy: Strategy, params: Any, opt_state: Any, *, micro_batch: int, seq_len: int,
                   compute_dtype: str = "bfloat16", remat: bool = True, with_reference: bool = False,
-                  fused_attention: bool = True, logprob_chunk: int = 1024, frozen: Any = None) -> MemoryReport:  # fmt: skip
+                  fused_attention: bool = True, logprob_chunk: int = 1024, frozen: Any = None,
+                  micro_batches_per_step: int = 2) -> MemoryReport:  # fmt: skip
     """The memory of `strategy` for a params tree and optimizer state (arrays or ShapeDtypeStructs).
 
     `micro_batch` is the number of sequences each data-parallel rank processes at once, `seq_len` their length.
     With LoRA `params` are the adapters and `frozen` the base: no gradient or optimizer state of its own, and it
-    is the reference model too.
+    is the reference model too. A step of one micro-batch (`micro_batches_per_step` 1) has no accumulator: its
+    gradient is the sum (`grads`), with no transient beside it.
     """
     p = tree_bytes(params, strategy.param_shardings(params))
     g = tree_bytes(params, strategy.grad_shardings(params))
@@ -155,7 +157,8 @@ def memory_report(strategy: Strategy, params: Any, opt_state: Any, *, micro_batc
         reference=p_total if with_reference and frozen is None else 0,
         compute_copy=p_total * dtype_bytes // 4 if dtype_bytes < 4 else 0,
         activations=act(remat), activations_no_remat=act(False),
-        grad_transient=sum(tree_bytes(params, strategy.param_shardings(params)).values()),
+        grad_transient=(sum(tree_bytes(params, strategy.param_shardings(params)).values())
+                        if micro_batches_per_step > 1 else 0),
         leaves={"params": p, "opt_state": o}, notes=list(strategy.notes),
     )  # fmt: skip
 
@@ -199,9 +202,11 @@ def plan(cfg: Config, model: Qwen25VLConfig, num_devices: int,
         impl = resolve_attention(cfg.model.attention, cfg.model.dtype, (model.text.head_dim, model.vision.head_dim),
                                  platform=platform, num_kv_heads=model.text.num_kv_heads, tensor=layout.tensor)
         fused = impl == "cudnn" if fused_attention is None else fused_attention
+        micro_steps = cfg.train.train_batch_size // (cfg.train.micro_train_batch_size * strategy.data_parallel_size)
         report = memory_report(strategy, params, opt_state, micro_batch=cfg.train.micro_train_batch_size,
                                seq_len=seq_len, compute_dtype=cfg.model.dtype, remat=cfg.model.remat,
-                               with_reference=cfg.uses_reference, fused_attention=fused, frozen=frozen)  # fmt: skip
+                               with_reference=cfg.uses_reference, fused_attention=fused, frozen=frozen,
+                               micro_batches_per_step=max(1, micro_steps))  # fmt: skip
         reports.append(dataclasses.replace(report, attention=impl if fused_attention is None else
                                            ("fused" if fused else "unfused")))  # fmt: skip
     return reports

@@ -4,7 +4,7 @@ global-norm gradient clipping, weight decay off norms and biases, and frozen par
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +43,22 @@ def label_tree(params: Any, frozen: Callable[[str], bool]) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+class Optimizer(NamedTuple):
+    """An optax transformation (`init`, `update`: the whole chain) that also gives its two halves: `pre`, the
+    stateless gradient processing (frozen leaves zeroed, global-norm clip), and `post`, AdamW per label. The chain's
+    state is `(*pre_state, *post_state)`, split at `split`. `sharding.TrainStep` runs the halves as two programs, so
+    the clipped gradient overwrites the gradient sum instead of being a parameter-sized temporary."""
+
+    init: Callable
+    update: Callable
+    pre: optax.GradientTransformation
+    post: optax.GradientTransformation
+    split: int
+
+
 def make_optimizer(
     cfg: OptimConfig, total_steps: int, params: Any, frozen: Callable[[str], bool] = lambda name: False
-) -> tuple[optax.GradientTransformation, Callable]:
+) -> tuple[Optimizer, Callable]:
     """Returns the optimizer and its schedule. `frozen(path)` gets a '/'-joined parameter path."""
     schedule = cosine_with_min_lr(cfg, total_steps)
     b1, b2 = cfg.betas
@@ -55,11 +68,12 @@ def make_optimizer(
 
     labels = label_tree(params, frozen)
     # Frozen gradients are zeroed before clipping so they do not count in the global norm.
-    tx = optax.chain(
+    stages = (
         optax.masked(optax.set_to_zero(), jax.tree.map(lambda lab: lab == "frozen", labels)),
         optax.clip_by_global_norm(cfg.max_norm),
         optax.multi_transform(
             {"decay": adamw(cfg.weight_decay), "no_decay": adamw(0.0), "frozen": optax.set_to_zero()}, labels
         ),
     )
-    return tx, schedule
+    tx = optax.chain(*stages)
+    return Optimizer(tx.init, tx.update, optax.chain(*stages[:2]), optax.chain(stages[2]), 2), schedule

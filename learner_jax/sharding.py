@@ -26,6 +26,7 @@ device and back; a backend without that memory kind keeps it on the device (with
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -439,10 +440,17 @@ class TrainStep:
 
     `loss_fn(params, batch, inputs, scalars) -> (loss, metrics)`: `batch` the model inputs, `inputs` a record
     (NamedTuple) of per-sample arrays split like the batch, `scalars` a record shared by every micro-batch. Each
-    micro-batch's gradient is added into an accumulator laid out by `grad_shardings` (donated, so it is updated in
-    place): for zero2/zero3 this makes the cross-device reduction a reduce-scatter. The step applies `tx` to the
-    (scaled) sum; a non-finite gradient norm keeps the old params and optimizer state (selected on device, so
-    donation stays safe). Metrics are summed on device and read once per step.
+    micro-batch's gradient (of its loss times `grad_scale`) is added into an accumulator laid out by
+    `grad_shardings` (donated, so it is updated in place): for zero2/zero3 this makes the cross-device reduction a
+    reduce-scatter. A step of one micro-batch takes its gradient as the sum, with no accumulator. Metrics are summed
+    on device and read once per step.
+
+    The optimizer runs as two programs so that neither holds a parameter-sized temporary: the gradient processing
+    (`learner_jax.optim.Optimizer.pre`: frozen leaves zeroed, global-norm clip) overwrites the donated sum, then
+    AdamW (`post`) reads it and updates params and state in place. One program with the clip inside kept the clipped
+    gradient and the update as temporaries (4.5 GB for 2.3 GB of fp32 params). A non-finite gradient norm keeps the
+    old params and optimizer state (a conditional on device, so donation stays safe). A plain optax
+    transformation (no `pre`) runs whole in the second program.
     """
 
     def __init__(self, strategy: Strategy, loss_fn: Callable, tx: optax.GradientTransformation, abstract_params: Any,
@@ -455,7 +463,7 @@ class TrainStep:
         loss_fn = partial(_with_frozen, loss_fn)
         self.strategy, self.tx, self.loss_fn = strategy, tx, loss_fn
         self._metric_shapes: Optional[dict] = None
-        self.grad_bytes: dict[str, int] = {}  # per-device bytes of the accumulator, measured on the first step
+        self.grad_bytes: dict[str, int] = {}  # per-device bytes of the step's gradient sum, measured on the first step
         abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
         self.param_shardings = strategy.param_shardings(abstract_params)
@@ -463,26 +471,48 @@ class TrainStep:
         self.opt_shardings = strategy.opt_shardings(abstract_opt)
         opt_on_device = strategy.opt_shardings(abstract_opt, on_host=False)
         rep = strategy.replicated
+        pre, split = getattr(tx, "pre", None), getattr(tx, "split", 0)
 
-        def accumulate(params, frozen, acc, sums, batch, inputs, scalars):
-            (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, inputs, scalars)
-            sums = jax.tree.map(jnp.add, sums, {"loss": loss, **metrics})
-            return jax.tree.map(jnp.add, acc, g), sums
+        def scaled_loss(params, frozen, batch, inputs, scalars, scale):
+            loss, metrics = loss_fn(params, frozen, batch, inputs, scalars)
+            return loss * scale, {"loss": loss, **metrics}
 
-        def apply(params, opt_state, grads, scale):
-            grads = jax.tree.map(lambda g: g * scale, grads)
+        def grad(params, frozen, batch, inputs, scalars, scale):
+            (_, metrics), g = jax.value_and_grad(scaled_loss, has_aux=True)(params, frozen, batch, inputs, scalars,
+                                                                            scale)  # fmt: skip
+            return g, metrics
+
+        def accumulate(params, frozen, acc, sums, batch, inputs, scalars, scale):
+            g, metrics = grad(params, frozen, batch, inputs, scalars, scale)
+            return jax.tree.map(jnp.add, acc, g), jax.tree.map(jnp.add, sums, metrics)
+
+        def prepare(pre_state, grads):
+            gnorm = optax.global_norm(grads)  # before frozen leaves are zeroed, as logged so far
+            if pre is not None:  # stateless: its state stays as initialised
+                grads, _ = pre.update(grads, pre_state)
+            return grads, gnorm, jnp.isfinite(gnorm)
+
+        def apply(params, opt_state, grads, finite):
             if strategy.offload_active:  # compute on device memory, store back on host (out_shardings)
                 opt_state = jax.device_put(opt_state, opt_on_device)
-            gnorm = optax.global_norm(grads)
-            finite = jnp.isfinite(gnorm)
-            updates, new_opt = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-            return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt_state), gnorm, finite
 
+            def update(operands):
+                params, opt_state = operands
+                if pre is None:
+                    updates, new_opt = tx.update(grads, opt_state, params)
+                else:
+                    updates, post_state = tx.post.update(grads, opt_state[split:], params)
+                    new_opt = (*opt_state[:split], *post_state)
+                return optax.apply_updates(params, updates), new_opt
+
+            return jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
+
+        self._grad = jax.jit(grad, out_shardings=(self.grad_shardings, rep))
         self._accumulate = jax.jit(accumulate, out_shardings=(self.grad_shardings, rep), donate_argnums=(2, 3))
+        self._prepare = jax.jit(prepare, out_shardings=(self.grad_shardings, rep, rep), donate_argnums=1)
+        self._pre_state = (lambda opt_state: opt_state[:split]) if pre is not None else (lambda opt_state: ())
         self._apply = jax.jit(apply, in_shardings=(self.param_shardings, self.opt_shardings, self.grad_shardings, rep),
-                              out_shardings=(self.param_shardings, self.opt_shardings, rep, rep),
+                              out_shardings=(self.param_shardings, self.opt_shardings),
                               donate_argnums=(0, 1))  # fmt: skip
         self._zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_params),
                               out_shardings=self.grad_shardings)  # fmt: skip
@@ -504,23 +534,32 @@ class TrainStep:
         """One optimizer step over `micro_batches` of (batch, inputs). Returns new params, optimizer state and
         metrics: losses (keys ending in "loss") combined as the gradients are (summed, times `grad_scale`), so they
         do not depend on how the step is cut into micro-batches; other metrics averaged; grad_norm, skipped."""
-        acc, sums, n = self._zeros(), None, 0
         scalars = jax.device_put(scalars, self.strategy.replicated)
-        if not self.grad_bytes:
-            self.grad_bytes = device_bytes(acc)
-        for batch, inputs in micro_batches:
-            batch, inputs = self.place_micro_batch(batch, inputs)
-            if self._metric_shapes is None:  # metric names are known once the loss is traced
-                loss, metrics = jax.eval_shape(self.loss_fn, params, self.frozen, batch, inputs, scalars)
-                self._metric_shapes = {"loss": loss, **metrics}
-            if sums is None:  # placed like the step's own output, so the first call compiles the same program
-                sums = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), self._metric_shapes),
-                                      self.strategy.replicated)  # fmt: skip
-            acc, sums = self._accumulate(params, self.frozen, acc, sums, batch, inputs, scalars)
-            n += 1
-        if n == 0:
+        scale = jax.device_put(jnp.float32(grad_scale), self.strategy.replicated)
+        micro_batches = iter(micro_batches)
+        first, second = next(micro_batches, None), next(micro_batches, None)
+        if first is None:
             raise ValueError("TrainStep needs at least one micro-batch")
-        params, opt_state, gnorm, finite = self._apply(params, opt_state, acc, jnp.float32(grad_scale))
+        if second is None:  # the micro-batch's gradient is the sum: no accumulator
+            grads, sums = self._grad(params, self.frozen, *self.place_micro_batch(*first), scalars, scale)
+            n = 1
+        else:
+            grads, sums, n = self._zeros(), None, 0
+            for batch, inputs in itertools.chain([first, second], micro_batches):
+                batch, inputs = self.place_micro_batch(batch, inputs)
+                if self._metric_shapes is None:  # metric names are known once the loss is traced
+                    loss, metrics = jax.eval_shape(self.loss_fn, params, self.frozen, batch, inputs, scalars)
+                    self._metric_shapes = {"loss": loss, **metrics}
+                if sums is None:  # placed like the step's own output, so the first call compiles the same program
+                    sums = jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), self._metric_shapes),
+                                          self.strategy.replicated)  # fmt: skip
+                grads, sums = self._accumulate(params, self.frozen, grads, sums, batch, inputs, scalars, scale)
+                n += 1
+        if not self.grad_bytes:
+            self.grad_bytes = device_bytes(grads)
+        grads, gnorm, finite = self._prepare(self._pre_state(opt_state), grads)
+        params, opt_state = self._apply(params, opt_state, grads, finite)
+        del grads
         sums, gnorm, finite = jax.device_get((sums, gnorm, finite))  # the step's one read from the devices
         metrics = {k: float(v) * (grad_scale if k.endswith("loss") else 1.0 / n) for k, v in sums.items()}
         metrics["grad_norm"] = float(gnorm)

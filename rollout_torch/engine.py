@@ -17,6 +17,7 @@ from typing import Iterable, Optional, Union
 import numpy as np
 import torch
 
+from shared.checksum import Checksum, row_ranges
 from shared.records import Prompt, Sample, SamplingSpec
 
 Tensor = Union[np.ndarray, torch.Tensor]
@@ -201,6 +202,11 @@ class RolloutEngine(ABC):
     def named_weights(self, names: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
         """The tensors the engine holds now, in its own naming (see the engine's docstring), as float32 numpy."""
 
+    @abstractmethod
+    def weight_checksums(self, names: Iterable[str]) -> dict[str, Checksum]:
+        """Fingerprints (`tensor_checksum`) of the named tensors the engine holds, computed in its process: what
+        the bridge's verification moves instead of float32 copies of the weights."""
+
     # -- memory
     def sleep(self, level: int = 1) -> bool:
         """Free KV cache (level 1: and offload weights; level 2: and discard them) if the backend can; returns
@@ -275,6 +281,14 @@ def to_torch(t: Tensor) -> torch.Tensor:
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
     return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy().copy()
+
+
+def tensor_checksum(t: torch.Tensor) -> Checksum:
+    """The `shared.checksum.Checksum` of a tensor, cast to float32 one row block at a time (never a whole copy)."""
+    t = t.detach()
+    shape = tuple(int(x) for x in t.shape)
+    blocks = (t if not shape else t[start:stop] for start, stop in row_ranges(shape))
+    return Checksum.of_blocks((b.float().cpu().contiguous().numpy() for b in blocks), shape)
 
 
 def checkpoint_shapes(model_path: str) -> dict[str, tuple[int, ...]]:

@@ -25,10 +25,12 @@ from rollout_torch.engine import (
     EngineConfig,
     RolloutEngine,
     stop_token_ids,
+    tensor_checksum,
     to_numpy,
     validate_sampling,
 )
 from rollout_torch.processing import load_images, load_processor, process
+from shared.checksum import Checksum
 from shared.models.qwen2_5_vl_params import hub_name
 from shared.records import Prompt, Sample, SamplingSpec
 
@@ -233,5 +235,11 @@ class HFEngine(RolloutEngine):
         if missing := [k for k in keys if k not in state]:
             raise KeyError(f"not in the model's state_dict: {missing[:5]}")
         return {k: to_numpy(state[k]) for k in keys}
+
+    def weight_checksums(self, names: Iterable[str]) -> dict[str, Checksum]:
+        state = self.model.state_dict()
+        if missing := [k for k in names if k not in state]:
+            raise KeyError(f"not in the model's state_dict: {missing[:5]}")
+        return {k: tensor_checksum(state[k]) for k in names}
 
     # sleep()/wake(): the reference engine keeps its weights; the base class reports False.

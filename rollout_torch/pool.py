@@ -56,7 +56,7 @@ class EngineActor:
         self.engine.finish_update(version)
 
     def call(self, method: str, *args: Any) -> Any:
-        """policy_version, score, named_weights, sleep, wake, stats."""
+        """policy_version, score, named_weights, weight_checksums, sleep, wake, stats."""
         return getattr(self.engine, method)(*args)
 
 
@@ -346,7 +346,8 @@ class RolloutPool:
 
     # -- per-engine calls
     def call(self, engine: int, method: str, *args: Any) -> Any:
-        """Run an engine method on one engine: policy_version, score, named_weights, sleep, wake, stats."""
+        """Run an engine method on one engine: policy_version, score, named_weights, weight_checksums, sleep, wake,
+        stats."""
         return ray.get(self.actors[engine].call.remote(method, *args))
 
     def call_all(self, method: str, *args: Any) -> list[Any]:

@@ -58,6 +58,7 @@ from rollout_torch.engine import (
     validate_sampling,
 )
 from rollout_torch.processing import check_placeholders, load_images, load_processor, processor_kwargs
+from shared.checksum import Checksum
 from shared.models.qwen2_5_vl_params import fused_group
 from shared.records import Prompt, Sample, SamplingSpec
 
@@ -358,6 +359,10 @@ class VllmEngine(RolloutEngine):
     def named_weights(self, names: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
         self._check_ready()
         return self.llm.collective_rpc("lmmrl_named_weights", args=(None if names is None else list(names),))[0]
+
+    def weight_checksums(self, names: Iterable[str]) -> dict[str, Checksum]:
+        self._check_ready()
+        return self.llm.collective_rpc("lmmrl_weight_checksums", args=(list(names),))[0]
 
     # -- memory
     def _sleep(self, level: int) -> bool:

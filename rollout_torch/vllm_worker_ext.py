@@ -72,21 +72,31 @@ class LmmrlWorkerExtension:
         self.model_runner.reset_encoder_cache()
         self.model_runner.reset_mm_cache()
 
-    def lmmrl_named_weights(self, names: Optional[list[str]] = None) -> dict[str, np.ndarray]:
+    def _lmmrl_tensors(self, names: Optional[list[str]]):
+        """(name, tensor) of the parameters the model computes with, packed CPU linear weights read back."""
         wanted = None if names is None else set(names)
-        out: dict[str, np.ndarray] = {}
-        with torch.no_grad():
-            for mod_name, module in self._lmmrl_model().named_modules():
-                for p_name, param in module.named_parameters(recurse=False):
-                    full = f"{mod_name}.{p_name}" if mod_name else p_name
-                    if wanted is not None and full not in wanted:
-                        continue
-                    if p_name == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
-                        param = _linear_weight(module)
-                    out[full] = param.detach().float().cpu().numpy().copy()
-        if wanted is not None and (missing := wanted - set(out)):
+        found = set()
+        for mod_name, module in self._lmmrl_model().named_modules():
+            for p_name, param in module.named_parameters(recurse=False):
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                if wanted is not None and full not in wanted:
+                    continue
+                if p_name == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
+                    param = _linear_weight(module)
+                found.add(full)
+                yield full, param.detach()
+        if wanted is not None and (missing := wanted - found):
             raise KeyError(f"not parameters of the vLLM model: {sorted(missing)[:5]}")
-        return out
+
+    def lmmrl_named_weights(self, names: Optional[list[str]] = None) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {n: t.float().cpu().numpy().copy() for n, t in self._lmmrl_tensors(names)}
+
+    def lmmrl_weight_checksums(self, names: list[str]) -> dict:
+        from rollout_torch.engine import tensor_checksum
+
+        with torch.no_grad():
+            return {n: tensor_checksum(t) for n, t in self._lmmrl_tensors(names)}
 
     # -- collective route
     def _lmmrl_rank(self) -> int:

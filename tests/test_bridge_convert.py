@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bridge.checksum import Checksum
+from shared.checksum import Checksum
 from bridge.convert import gather, plan_buckets, policy_entries, to_flax, to_hf, wire_itemsizes
 from shared.models.qwen2_5_vl_params import engine_tensors, fused_group
 from bridge.payload import ShmTensors, Tensors, write_safetensors
@@ -163,7 +163,7 @@ def test_sender_is_importable_without_torch_and_receiver_without_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
     code = (
         "import sys\n"
-        "import bridge.payload, bridge.receiver, bridge.checksum, shared.models.qwen2_5_vl_params\n"
+        "import bridge.payload, bridge.receiver, shared.checksum, shared.models.qwen2_5_vl_params\n"
         "assert 'jax' not in sys.modules, 'receiver imported jax'\n"
         "assert 'torch' not in sys.modules, 'receiver imported torch before any tensor arrived'\n"
     )

@@ -3,6 +3,8 @@ the engines' logprobs on an image prompt equal the learner's, the checksums of w
 corrupted in transit is caught by name. The shared session engines get their original weights back afterwards."""
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 import pytest
@@ -212,6 +214,20 @@ def _fake_engine_actor():
     return ray.remote(num_cpus=0)(FakeEngine)
 
 
+def kill_and_wait(ray, actor, timeout_s: float = 30.0) -> None:
+    """Kill an actor and return once calls to it fail (`ray.kill` is asynchronous: a call right after it may still
+    be served)."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("the killed actor still answers")
+
+
 def fake_pool(num_engines: int, lagging=()):
     """A real `RolloutPool` (its fan-out, replay, restart and version code) over fake engine actors."""
     from rollout_torch.pool import EngineStats, RolloutPool
@@ -269,11 +285,11 @@ def test_engines_holding_the_push_pass_and_a_dead_one_is_restarted_and_counted(r
         report = sync.push(params, version=3)
         assert report.engine_versions == [3, 3]  # one per engine
         assert pool.engine_restarts() == 0
-        rollout_ray.kill(pool.actors[0], no_restart=True)  # dies between pushes
+        kill_and_wait(rollout_ray, pool.actors[0])  # dies between pushes
         report = sync.push(params, version=4)  # the fan-out restarts it; the replay brings it to the push
         assert report.engine_versions == [4, 4]
         assert pool.engine_restarts() == 1 and pool.stats[0].restarts == 1
-        rollout_ray.kill(pool.actors[1], no_restart=True)
+        kill_and_wait(rollout_ray, pool.actors[1])
         assert pool.engine_versions() == [4, 4]  # asked of a dead engine: restarted, replayed, asked again
         assert target.service.pool_call("engine_restarts") == 2  # cumulative, what rollout/engine_restarts logs
     finally:

@@ -145,6 +145,44 @@ def test_hf_named_weights_use_state_dict_names(hf_engine, weights):
     np.testing.assert_array_equal(held["model.visual.merger.mlp.0.bias"], weights["visual.merger.mlp.0.bias"])
 
 
+@pytest.mark.parametrize("which", ["vllm", "hf"])
+def test_engine_checksums_are_those_of_the_tensors_it_holds(which, vllm_engine, hf_engine):
+    from shared.checksum import Checksum
+
+    engine = vllm_engine if which == "vllm" else hf_engine
+    names = {"vllm": ["language_model.model.layers.1.self_attn.qkv_proj.weight", "visual.blocks.2.attn.qkv.bias",
+                      "language_model.model.embed_tokens.weight", "language_model.model.norm.weight"],
+             "hf": ["model.language_model.layers.0.self_attn.q_proj.weight", "model.visual.merger.mlp.0.bias",
+                    "model.language_model.embed_tokens.weight"]}[which]  # fmt: skip
+    ours = engine.weight_checksums(names)
+    held = {k: Checksum.of(v) for k, v in engine.named_weights(names).items()}
+    assert set(ours) == set(names)
+    for k in names:
+        assert ours[k].shape == held[k].shape and ours[k].crc == held[k].crc, k
+        assert ours[k].differs(held[k], exact=False) == ""
+    with pytest.raises(KeyError):
+        engine.weight_checksums(["no.such.weight"])
+
+
+def test_tensor_checksum_reads_a_bf16_tensor_in_blocks_as_the_learner_does():
+    import ml_dtypes
+
+    from rollout_torch.engine import tensor_checksum
+    from shared.checksum import BLOCK, Checksum
+
+    t = torch.randn(3001, 2000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert t.numel() > BLOCK  # several row blocks
+    ours = tensor_checksum(t)
+    wire = t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)  # the learner's bf16 numpy of the same values
+    assert ours == Checksum.of(wire)
+    assert ours.crc == Checksum.of(t.float().numpy()).crc
+    assert tensor_checksum(t[:, :1999].contiguous()).shape == (3001, 1999)
+    assert tensor_checksum(torch.tensor(2.0)) == Checksum.of(np.float32(2.0))
+    flipped = t.clone()
+    flipped[2999, 7] += 1
+    assert tensor_checksum(flipped).crc != ours.crc
+
+
 @pytest.mark.parametrize("transport", ["inprocess", "shm"])
 def test_bucketed_push_applies_only_after_the_final_bucket(transport, vllm_engine, rollout_prompts, greedy_runs,
                                                            weights, scaled):  # fmt: skip

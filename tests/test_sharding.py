@@ -13,7 +13,8 @@ from learner_jax import memory
 from learner_jax.models.config import Qwen25VLConfig
 from learner_jax.models.params import abstract_params
 from learner_jax.optim import make_optimizer
-from learner_jax.sharding import PARAM_RULES, Strategy, TrainStep, axis_sizes, batch_spec, leaf_spec, path_str
+from learner_jax.sharding import (PARAM_RULES, Strategy, TrainStep, axis_sizes, batch_spec, device_bytes, leaf_spec,
+                                  path_str)
 from shared.config import OptimConfig, ShardingConfig, load_config
 
 QWEN_3B = Qwen25VLConfig.from_hf(memory.PRESETS["qwen2.5-vl-3b"])
@@ -210,3 +211,42 @@ def test_train_step_keeps_the_old_state_when_the_gradient_is_not_finite(tiny_ckp
     assert m["skipped"] == 0.0 and np.isfinite(m["loss"])
     moved = [not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_np))]
     assert all(moved)
+
+
+@pytest.mark.parametrize("n_micro", [1, 2])
+def test_a_step_equals_the_whole_optax_chain(tiny_ckpt, n_micro):
+    """The step's two optimizer programs (clip over the gradient sum in place, then AdamW) give what the optax chain
+    gives in one update; one micro-batch takes the program with no accumulator."""
+    import optax
+
+    from learner_jax.models.hf_io import load_checkpoint
+
+    cfg, params_np = load_checkpoint(tiny_ckpt)
+    strategy = Strategy.from_config(ShardingConfig("replicated"), cfg, jax.devices()[:1])
+
+    def loss_fn(params, batch, w_B, scalars):
+        sq = sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(params))
+        return sq * w_B.mean() * batch["input_ids_BT"].mean(), {"w": w_B.mean()}
+
+    tx, _ = make_optimizer(OptimConfig(lr=1e-2, warmup_ratio=0.0, max_norm=0.5, weight_decay=0.1), 10, params_np,
+                           frozen=lambda name: name.startswith("visual/merger/"))  # fmt: skip
+    step = TrainStep(strategy, loss_fn, tx, params_np)
+    micro = [({"input_ids_BT": np.full((2, 4), k + 2, np.int32)}, np.array([0.5, 1.5 + k], np.float32))
+             for k in range(n_micro)]  # fmt: skip
+    params = strategy.place(params_np, step.param_shardings)
+    ours = step(params, step.init_opt_state(params), micro, grad_scale=0.5)
+    assert step.grad_bytes == device_bytes(step._zeros())
+
+    grads = [jax.grad(lambda p: loss_fn(p, b, w, ())[0])(params_np) for b, w in micro]
+    g = jax.tree.map(lambda *x: 0.5 * sum(x), *grads)
+    updates, opt = tx.update(g, tx.init(params_np), params_np)
+    want = (optax.apply_updates(params_np, updates), opt)
+    assert ours[2]["grad_norm"] == pytest.approx(float(optax.global_norm(g)), rel=1e-5)
+    assert ours[2]["grad_norm"] > 0.5  # so the clip acts
+    assert ours[2]["w"] == pytest.approx(np.mean([w.mean() for _, w in micro]))
+    for a, b in zip(jax.tree.leaves((ours[0], ours[1])), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    flat = jax.tree_util.tree_flatten_with_path(ours[0])[0]
+    kept = [np.array_equal(np.asarray(a), b) for (path, a), b in zip(flat, jax.tree.leaves(params_np))
+            if path_str(path).startswith("visual/merger/")]  # fmt: skip
+    assert kept and all(kept)

@@ -61,11 +61,12 @@ def _check_restores(out: dict, names) -> None:
 
 
 def test_fsdp_with_tensor_parallel_trains_like_one_device_and_restores_replicated(tiny_ckpt, tmp_path):
-    """The 2-D layout (zero3 over fsdp=4 x tensor=2), two text-only steps without remat (the slow tests cover
-    images and remat); its checkpoint restores into the replicated and the host-offloaded zero2 layouts."""
+    """The 2-D layout (zero3 over fsdp=4 x tensor=2), two text-only steps of one micro-batch each (the program that
+    applies its gradient directly) without remat (the slow tests cover images, remat and accumulation); its
+    checkpoint restores into the replicated and the host-offloaded zero2 layouts."""
     targets = ["replicated", "zero2_offload"]
     out = _run(tiny_ckpt, tmp_path, names=["zero3_tensor"], steps=2, remat=False, images=False,
-               restore_into=targets)
+               restore_into=targets, n_micro=1)
     _check_training(out, ["zero3_tensor"])
     _check_restores(out, targets)
 
@@ -195,9 +196,11 @@ def _device_bytes(tree) -> dict:
 
 
 def run(ckpt: str, work: str, names: list[str], steps: int, remat: bool, images: bool = True,
-        bf16: Optional[str] = None, restore_into: Sequence[str] = (), resume_under: Optional[str] = None) -> dict:
-    """Train each layout in `names` for `steps` against one device; optionally train `bf16` in bfloat16; save the
-    last layout's state and restore it under each of `restore_into`; resume one step under `resume_under`."""
+        bf16: Optional[str] = None, restore_into: Sequence[str] = (), resume_under: Optional[str] = None,
+        n_micro: int = 2) -> dict:
+    """Train each layout in `names` for `steps` of `n_micro` micro-batches against one device; optionally train
+    `bf16` in bfloat16; save the last layout's state and restore it under each of `restore_into`; resume one step
+    under `resume_under`."""
     import jax
 
     from learner_jax.checkpoint import Checkpointer
@@ -210,7 +213,7 @@ def run(ckpt: str, work: str, names: list[str], steps: int, remat: bool, images:
 
     cfg, params_np = load_checkpoint(ckpt)
     loss_fn = _loss_fn(cfg, ModelOptions(dtype="float32", remat=remat, attention="softmax"), forward_logprobs)
-    batches = _micro_batches(cfg, steps + 1, images)
+    batches = _micro_batches(cfg, steps + 1, images, n_micro=n_micro)
     base, base_params = _single_device(cfg, params_np, loss_fn, batches[:steps])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params_np)
     abstract_opt = jax.eval_shape(_optimizer(params_np).init, abstract)
