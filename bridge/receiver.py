@@ -1,15 +1,15 @@
 """Engine-side calls of the bridge: what an engine process runs to report the weights it holds.
 
-`weight_checksums(engine, names)` fingerprints the tensors an engine actually computes with, in its own naming;
-the engine computes them in its process, block by block, so no float32 copy of the model is made or moved.
-`EngineHost` puts an engine and these calls in one object for a Ray actor
+`engine_naming(engine)` names the scheme of an engine's weights; the engine fingerprints the tensors it computes
+with itself (`RolloutEngine.weight_checksums`, block by block, so no float32 copy of the model is made or moved).
+`EngineHost` puts an engine and these calls in one object for a Ray actor, whose remote methods must be its own
 (`learner_jax.placement.spawn("bridge.receiver:EngineHost", ...)`); a pool of engine actors exposes the same two
 calls per engine. No jax here.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable
+from typing import Any
 
 from shared.checksum import Checksum
 from .payload import to_torch
@@ -28,11 +28,6 @@ def engine_naming(engine: Any) -> str:
             return naming
     raise TypeError(f"{type(engine).__name__} is not a known rollout engine (expected one of "
                     f"{[c for _, c, _ in _ENGINES]})")  # fmt: skip
-
-
-def weight_checksums(engine: Any, names: Iterable[str]) -> dict[str, Checksum]:
-    """Checksums of the named tensors (engine naming), computed by the engine where its weights live."""
-    return engine.weight_checksums(list(names))
 
 
 class EngineHost:
@@ -56,7 +51,7 @@ class EngineHost:
         return engine_naming(self.engine)
 
     def weight_checksums(self, names: list[str]) -> dict[str, Checksum]:
-        return weight_checksums(self.engine, names)
+        return self.engine.weight_checksums(names)
 
     def __getattr__(self, name: str) -> Any:
         if name == "engine":

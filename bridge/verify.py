@@ -60,9 +60,7 @@ def target_naming(target: Any) -> str:
 def engine_checksums(target: Any, names: list[str]) -> list[dict[str, Checksum]]:
     """Each engine's checksums of `names` (engine naming): computed where the engine lives."""
     if is_local_engine(target):
-        from .receiver import weight_checksums
-
-        return [weight_checksums(target, names)]
+        return [target.weight_checksums(names)]
     reported = _remote(target, "weight_checksums", names)
     return list(reported) if isinstance(reported, (list, tuple)) else [reported]
 

@@ -68,12 +68,14 @@ def make_optimizer(
 
     labels = label_tree(params, frozen)
     # Frozen gradients are zeroed before clipping so they do not count in the global norm.
-    stages = (
+    pre = (
         optax.masked(optax.set_to_zero(), jax.tree.map(lambda lab: lab == "frozen", labels)),
         optax.clip_by_global_norm(cfg.max_norm),
+    )
+    post = (
         optax.multi_transform(
             {"decay": adamw(cfg.weight_decay), "no_decay": adamw(0.0), "frozen": optax.set_to_zero()}, labels
         ),
     )
-    tx = optax.chain(*stages)
-    return Optimizer(tx.init, tx.update, optax.chain(*stages[:2]), optax.chain(stages[2]), 2), schedule
+    tx = optax.chain(*pre, *post)
+    return Optimizer(tx.init, tx.update, optax.chain(*pre), optax.chain(*post), len(pre)), schedule

@@ -229,17 +229,17 @@ class HFEngine(RolloutEngine):
     def _finish(self) -> None:
         pass  # no caches outlive a generate call
 
-    def named_weights(self, names: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
+    def _tensors(self, names: Optional[Iterable[str]]) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
         keys = list(state) if names is None else list(names)
         if missing := [k for k in keys if k not in state]:
             raise KeyError(f"not in the model's state_dict: {missing[:5]}")
-        return {k: to_numpy(state[k]) for k in keys}
+        return {k: state[k] for k in keys}
+
+    def named_weights(self, names: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
+        return {k: to_numpy(t) for k, t in self._tensors(names).items()}
 
     def weight_checksums(self, names: Iterable[str]) -> dict[str, Checksum]:
-        state = self.model.state_dict()
-        if missing := [k for k in names if k not in state]:
-            raise KeyError(f"not in the model's state_dict: {missing[:5]}")
-        return {k: tensor_checksum(state[k]) for k in names}
+        return {k: tensor_checksum(t) for k, t in self._tensors(names).items()}
 
     # sleep()/wake(): the reference engine keeps its weights; the base class reports False.
